@@ -1,0 +1,125 @@
+"""``CumulusApp``: the Jupyter server extension, also runnable headless (``jupyter cumulus``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from jupyter_core.paths import jupyter_data_dir
+from jupyter_server.extension.application import ExtensionApp
+from traitlets import Float, Integer, List, Type, Unicode, default
+
+from ._version import __version__
+from .backend import Backend, LocalBackend
+from .gpu import detect_gpus
+from .handlers import handlers
+from .manager import JobManager
+
+URL_ENV = "CUMULUS_SERVER_URL"
+TOKEN_ENV = "CUMULUS_TOKEN"
+
+
+class CumulusApp(ExtensionApp):
+    """Runs notebook functions as pausable, resumable, checkpointed jobs on this host."""
+
+    name = "cumulus"
+    description = "A GPU job server for Jupyter: run, pause, resume and checkpoint training jobs."
+    version = __version__
+    # `jupyter cumulus` is a job server only: no notebook UI and no other extensions.
+    load_other_extensions = False
+
+    job_root = Unicode(
+        config=True,
+        help="Directory holding one sub-directory per job (spec, log, checkpoints, result). "
+        "It is the source of truth: a restarted server rebuilds its view from it.",
+    )
+
+    @default("job_root")
+    def _default_job_root(self) -> str:
+        return str(Path(jupyter_data_dir()) / "cumulus" / "jobs")
+
+    backend_class = Type(
+        default_value=LocalBackend,
+        klass=Backend,
+        config=True,
+        help="The execution backend that starts, signals and watches job processes.",
+    )
+    pause_timeout = Float(
+        60.0,
+        config=True,
+        help="Seconds a job has to stop after a pause (or its duration limit) "
+        "before it is sent SIGTERM.",
+    )
+    kill_grace = Float(
+        10.0,
+        config=True,
+        help="Seconds between SIGTERM and SIGKILL when a job does not stop "
+        "(after a pause timeout or a cancel).",
+    )
+    max_payload_bytes = Integer(
+        256 << 20,
+        config=True,
+        help="Largest pickled function + arguments a client may submit, in bytes (else 413).",
+    )
+    gpus = List(
+        Unicode(),
+        default_value=None,
+        allow_none=True,
+        config=True,
+        help="GPU devices jobs may use, as CUDA indices (e.g. ['0', '1']). "
+        "Default: CUDA_VISIBLE_DEVICES, else what nvidia-smi lists. An empty list runs "
+        "every job on the CPU, as one shared device.",
+    )
+
+    manager: JobManager | None = None
+
+    @classmethod
+    def make_serverapp(cls, **kwargs: Any) -> Any:
+        # Defaults for the headless `jupyter cumulus` only (the seed's
+        # http://localhost:8081); the command line and config files still win.
+        kwargs.setdefault("port", 8081)
+        kwargs.setdefault("open_browser", False)
+        return super().make_serverapp(**kwargs)
+
+    def initialize_settings(self) -> None:
+        devices = detect_gpus() if self.gpus is None else list(self.gpus)
+        self.manager = JobManager(
+            self.job_root,
+            backend=self.backend_class(),
+            devices=devices,
+            pause_timeout=self.pause_timeout,
+            kill_grace=self.kill_grace,
+            max_payload_bytes=self.max_payload_bytes,
+            log=self.log,
+        )
+        self.settings["cumulus_manager"] = self.manager
+        self.log.info(
+            "cumulus: jobs in %s, devices %s", self.manager.store.root, self.manager.ledger.devices
+        )
+
+    def initialize_handlers(self) -> None:
+        self.handlers.extend(handlers())
+
+    async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        await super()._start_jupyter_server_extension(serverapp)
+        self._export_connection(serverapp)
+        assert self.manager is not None
+        await self.manager.start()
+
+    def _export_connection(self, serverapp: Any) -> None:
+        """Let kernels started by this server find it: ``CumulusClient()`` needs no arguments."""
+        url = serverapp.connection_url
+        os.environ[URL_ENV] = url
+        token = getattr(serverapp.identity_provider, "token", "") or ""
+        if token:
+            os.environ[TOKEN_ENV] = token
+        else:
+            os.environ.pop(TOKEN_ENV, None)
+
+    async def stop_extension(self) -> None:
+        if self.manager is not None:
+            await self.manager.stop()
+
+
+main = launch_new_instance = CumulusApp.launch_instance

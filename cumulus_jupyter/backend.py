@@ -1,0 +1,193 @@
+"""Execution backends: how a job's process is started, signalled and watched.
+
+The manager only talks to :class:`Backend`, so a distributed engine (Ray, a
+batch scheduler) can replace :class:`LocalBackend` through the
+``CumulusApp.backend_class`` trait without touching the lifecycle code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from .fileio import FILE_MODE
+
+# Two readings of one process's start time differ by rounding only.
+_START_TIME_TOLERANCE = 0.05
+
+
+@dataclass(frozen=True)
+class ProcessHandle:
+    """Identifies one job process: its pid *and* start time, so a reused pid never matches."""
+
+    pid: int
+    create_time: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> ProcessHandle | None:
+        if not isinstance(data, dict) or not isinstance(data.get("pid"), int):
+            return None
+        ct = data.get("create_time")
+        return cls(pid=data["pid"], create_time=float(ct) if ct is not None else None)
+
+
+class Backend(ABC):
+    """Starts and controls job processes. Every method must be quick (no waiting)."""
+
+    @abstractmethod
+    def start(self, job_dir: Path, python: str, env: dict[str, str]) -> ProcessHandle:
+        """Start ``python -m cumulus_jupyter.worker job_dir`` with ``env``."""
+
+    @abstractmethod
+    def is_alive(self, handle: ProcessHandle) -> bool:
+        """Whether the job's main process still runs."""
+
+    @abstractmethod
+    def exit_code(self, handle: ProcessHandle) -> int | None:
+        """The exit status of a finished process, when this backend knows it."""
+
+    @abstractmethod
+    def notify_pause(self, handle: ProcessHandle) -> None:
+        """Tell the process that ``control.json`` now asks it to pause."""
+
+    @abstractmethod
+    def terminate(self, handle: ProcessHandle) -> None:
+        """Ask the job to stop now (SIGTERM): it may still save a checkpoint."""
+
+    @abstractmethod
+    def kill(self, handle: ProcessHandle) -> None:
+        """Stop the job and everything it started, without delay (SIGKILL)."""
+
+    @abstractmethod
+    def adopt(self, handle: ProcessHandle) -> bool:
+        """After a server restart: whether ``handle`` is still that very job process."""
+
+    def cleanup(self, handle: ProcessHandle) -> None:  # noqa: B027 - optional hook
+        """Remove what is left of a job whose main process has ended."""
+
+
+class LocalBackend(Backend):
+    """Runs each job as a subprocess of this host in its own session and process group."""
+
+    def __init__(self) -> None:
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+
+    def start(self, job_dir: Path, python: str, env: dict[str, str]) -> ProcessHandle:
+        log_fd = os.open(job_dir / "output.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+        try:
+            proc = subprocess.Popen(
+                [python, "-m", "cumulus_jupyter.worker", str(job_dir)],
+                cwd=job_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=subprocess.STDOUT,
+                # Own session and process group: the job survives the server,
+                # and one killpg reaches its DataLoader workers too.
+                start_new_session=True,
+                close_fds=True,
+            )
+        finally:
+            os.close(log_fd)
+        self._children[proc.pid] = proc
+        try:
+            create_time = psutil.Process(proc.pid).create_time()
+        except psutil.Error:
+            create_time = None  # it already exited; is_alive will say so
+        return ProcessHandle(proc.pid, create_time)
+
+    def _process(self, handle: ProcessHandle) -> psutil.Process | None:
+        """The live process behind ``handle``, or None if it is gone or a stranger."""
+        try:
+            proc = psutil.Process(handle.pid)
+            if (
+                handle.create_time is not None
+                and abs(proc.create_time() - handle.create_time) > _START_TIME_TOLERANCE
+            ):
+                return None
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return proc
+        except psutil.Error:
+            return None
+
+    def is_alive(self, handle: ProcessHandle) -> bool:
+        child = self._children.get(handle.pid)
+        if child is not None:
+            return child.poll() is None  # also reaps our own finished children
+        return self._process(handle) is not None
+
+    def exit_code(self, handle: ProcessHandle) -> int | None:
+        child = self._children.get(handle.pid)
+        return child.returncode if child is not None else None
+
+    def notify_pause(self, handle: ProcessHandle) -> None:
+        if self._process(handle) is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(handle.pid, signal.SIGUSR1)
+
+    def terminate(self, handle: ProcessHandle) -> None:
+        # Only the main process: it saves a checkpoint on SIGTERM and needs
+        # nothing from its workers for that. kill() takes the rest.
+        if self._process(handle) is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(handle.pid, signal.SIGTERM)
+
+    def _tree(self, handle: ProcessHandle) -> list[psutil.Process]:
+        """The job's process group and every descendant (some may have left the group)."""
+        procs: dict[int, psutil.Process] = {}
+        leader = self._process(handle)
+        if leader is not None:
+            procs[leader.pid] = leader
+            with contextlib.suppress(psutil.Error):
+                for child in leader.children(recursive=True):
+                    procs[child.pid] = child
+        if leader is None and psutil.pid_exists(handle.pid):
+            # The pid now belongs to another process: the group id may have
+            # been reused too, so its members are not ours to touch.
+            return list(procs.values())
+        for proc in psutil.process_iter(["pid"]):
+            with contextlib.suppress(psutil.Error, OSError):
+                if os.getpgid(proc.pid) == handle.pid and proc.pid != os.getpid():
+                    procs.setdefault(proc.pid, proc)
+        return list(procs.values())
+
+    def kill(self, handle: ProcessHandle) -> None:
+        for proc in self._tree(handle):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        self._reap(handle)
+
+    def adopt(self, handle: ProcessHandle) -> bool:
+        return handle.create_time is not None and self._process(handle) is not None
+
+    def cleanup(self, handle: ProcessHandle) -> None:
+        # The main process is gone; stray members of its group (a DataLoader
+        # worker, a subprocess the job started) must not keep GPU memory.
+        for proc in self._tree(handle):
+            if proc.pid != handle.pid:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+        self._reap(handle)
+
+    def _reap(self, handle: ProcessHandle) -> None:
+        child = self._children.get(handle.pid)
+        if child is not None and child.poll() is not None:
+            del self._children[handle.pid]
+
+
+def default_python() -> str:
+    """The interpreter jobs use when the submitter's is not on this host."""
+    return sys.executable

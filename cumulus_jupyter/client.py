@@ -1,0 +1,427 @@
+"""The client SDK: ``CumulusClient`` and ``Job``.
+
+Works from any Python process that can reach the server: a notebook kernel
+(no arguments needed there), a script, another machine. Only the standard
+library and cloudpickle are used on this side.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import cloudpickle
+
+from .errors import (
+    BY_CODE,
+    BadRequestError,
+    CumulusError,
+    JobFailedError,
+    JobStoppedError,
+)
+from .spec import format_duration, python_version
+
+URL_ENV = "CUMULUS_SERVER_URL"
+TOKEN_ENV = "CUMULUS_TOKEN"
+_ACTIVE = ("queued", "running", "pausing")
+_LONG_POLL = 30.0
+
+
+class ServerUnavailableError(CumulusError, ConnectionError):
+    """The cumulus server could not be reached."""
+
+    code = "unavailable"
+
+
+class CumulusClient:
+    """Talks to the cumulus server extension of a Jupyter server.
+
+    In a kernel started by a Jupyter server with cumulus-jupyter,
+    ``CumulusClient()`` finds the server through ``CUMULUS_SERVER_URL`` and
+    ``CUMULUS_TOKEN``. Elsewhere pass the server's URL (with its base_url)
+    and token::
+
+        client = CumulusClient("http://127.0.0.1:8081", token="...")
+        result = client.run(train, gpu_memory=0.5, duration="2h")
+    """
+
+    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30.0):
+        url = url or os.environ.get(URL_ENV)
+        if not url:
+            raise CumulusError(
+                "no cumulus server given: pass CumulusClient('http://host:port', token=...), "
+                f"or set {URL_ENV} (a kernel started by a Jupyter server with cumulus-jupyter "
+                "has it already)"
+            )
+        self.url = url.rstrip("/") + "/"
+        self.token = token if token is not None else os.environ.get(TOKEN_ENV, "")
+        self.timeout = timeout
+        self._api = urllib.parse.urljoin(self.url, "cumulus/api/")
+
+    def __repr__(self) -> str:
+        return f"CumulusClient({self.url!r})"
+
+    # -- HTTP ------------------------------------------------------------------
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        url = urllib.parse.urljoin(self._api, path)
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(url, data=data, method=method)
+        if self.token:
+            req.add_header("Authorization", f"token {self.token}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
+                return resp.status, dict(resp.headers), resp.read()
+        except urllib.error.HTTPError as e:
+            raise _error_from_response(e.code, e.read()) from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise ServerUnavailableError(
+                f"cannot reach the cumulus server at {self.url}: {reason}"
+            ) from None
+
+    def _json(self, method: str, path: str, body: Any = None, **kw: Any) -> Any:
+        _, _, raw = self._request(method, path, body, **kw)
+        return json.loads(raw) if raw else None
+
+    # -- submitting ------------------------------------------------------------
+
+    def run_async(
+        self,
+        func: Callable[..., Any],
+        args: Iterable[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        gpu_memory: float = 1.0,
+        duration: float | str | None = None,
+        name: str | None = None,
+    ) -> Job:
+        """Start ``func(*args, **kwargs)`` as a job and return its :class:`Job` at once.
+
+        ``gpu_memory`` is the share of one GPU (``0 < gpu_memory <= 1``) the
+        job may use; ``duration`` a limit in seconds or as ``"30m"``/``"2h"``,
+        after which the job is paused and ends ``timed_out``, resumable.
+        """
+        if not callable(func):
+            raise BadRequestError(f"func must be callable, got {type(func).__name__}")
+        args, kwargs = tuple(args), dict(kwargs or {})
+        payload = _pickle_call(func, args, kwargs)
+        body = {
+            "payload": base64.b64encode(payload).decode("ascii"),
+            "name": name or getattr(func, "__name__", None) or "job",
+            "gpu_memory": gpu_memory,
+            "duration": duration,
+            "python": sys.executable,
+            "python_version": python_version(),
+        }
+        record = self._json("POST", "jobs", body)
+        return Job(self, record)
+
+    def run(
+        self,
+        func: Callable[..., Any],
+        args: Iterable[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        gpu_memory: float = 1.0,
+        duration: float | str | None = None,
+        name: str | None = None,
+    ) -> Any:
+        """Run ``func`` as a job, wait until it stops, and return what it returned.
+
+        A function that raised raises :class:`JobFailedError` here, with the
+        remote traceback.
+        """
+        job = self.run_async(func, args, kwargs, gpu_memory, duration, name)
+        return job.result()
+
+    # -- jobs ------------------------------------------------------------------
+
+    def jobs(self) -> list[Job]:
+        """Every job the server knows, oldest first."""
+        return [Job(self, r) for r in self._json("GET", "jobs")["jobs"]]
+
+    def get_job(self, job_id: str) -> Job:
+        """The :class:`Job` with this id (``JobNotFoundError`` if there is none)."""
+        return Job(self, self._job_record(job_id))
+
+    def _job_record(self, job_id: str) -> dict[str, Any]:
+        return self._json("GET", f"jobs/{_quote(job_id)}")
+
+    def pause_job(self, job_id: str) -> dict[str, Any]:
+        """Ask a running job to checkpoint and stop; returns its record (state ``pausing``)."""
+        return self._json("POST", f"jobs/{_quote(job_id)}/pause", {})
+
+    def resume_job(
+        self,
+        job_id: str,
+        checkpoint: str | None = None,
+        duration: float | str | None = None,
+    ) -> dict[str, Any]:
+        """Resume a paused, timed-out or lost job, from ``checkpoint`` (a name) or the latest."""
+        body: dict[str, Any] = {}
+        if checkpoint is not None:
+            body["checkpoint"] = checkpoint
+        if duration is not None:
+            body["duration"] = duration
+        return self._json("POST", f"jobs/{_quote(job_id)}/resume", body)
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """Stop a job for good, with every process it started."""
+        return self._json("POST", f"jobs/{_quote(job_id)}/cancel", {})
+
+    def forget_job(self, job_id: str) -> None:
+        """Delete a job that is not running, and its directory."""
+        self._request("DELETE", f"jobs/{_quote(job_id)}")
+
+    def get_checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's checkpoints, oldest first: name, epoch, step, time, size, sha256."""
+        return self._json("GET", f"jobs/{_quote(job_id)}/checkpoints")["checkpoints"]
+
+    def delete_checkpoint(self, job_id: str, name: str) -> None:
+        """Delete one checkpoint (refused for the one a paused job resumes from)."""
+        self._request("DELETE", f"jobs/{_quote(job_id)}/checkpoints/{_quote(name)}")
+
+    def get_metrics(self, job_id: str) -> list[dict[str, Any]]:
+        """What the job recorded with ``report()``."""
+        return self._json("GET", f"jobs/{_quote(job_id)}/metrics")["metrics"]
+
+    def get_logs(self, job_id: str, offset: int = 0, wait: float = 0.0) -> dict[str, Any]:
+        """Log text from byte ``offset``: ``{'data', 'next_offset', 'running', ...}``."""
+        return self._json(
+            "GET",
+            f"jobs/{_quote(job_id)}/logs",
+            params={"offset": offset, "wait": wait},
+            timeout=wait + self.timeout,
+        )
+
+    def gpus(self) -> list[dict[str, Any]]:
+        """Per device: the share taken and by which jobs."""
+        return self._json("GET", "gpus")["gpus"]
+
+
+class Job:
+    """A job on the server. Methods talk to the server; nothing is cached but ``id``."""
+
+    def __init__(self, client: CumulusClient, record: dict[str, Any]):
+        self.client = client
+        self.id: str = record["id"]
+        self._record = record
+
+    def __repr__(self) -> str:
+        r = self._record
+        return f"<Job {self.id} {r.get('name')!r} {r.get('state')}>"
+
+    @property
+    def name(self) -> str:
+        return self._record.get("name", "")
+
+    def info(self) -> dict[str, Any]:
+        """The job's full record from the server (state, times, device, runs, ...)."""
+        self._record = self.client._job_record(self.id)
+        return self._record
+
+    def status(self) -> str:
+        """The job's state: queued, running, pausing, paused, completed, failed, ..."""
+        return self.info()["state"]
+
+    def pause(self) -> dict[str, Any]:
+        """Ask the job to checkpoint and stop at its next batch boundary."""
+        self._record = self.client.pause_job(self.id)
+        return self._record
+
+    def resume(
+        self, checkpoint: str | None = None, duration: float | str | None = None
+    ) -> dict[str, Any]:
+        """Continue the job from ``checkpoint`` (a name from get_checkpoints) or the latest."""
+        self._record = self.client.resume_job(self.id, checkpoint, duration)
+        return self._record
+
+    def cancel(self) -> dict[str, Any]:
+        """Stop the job for good."""
+        self._record = self.client.cancel_job(self.id)
+        return self._record
+
+    def get_checkpoints(self) -> list[dict[str, Any]]:
+        """The job's checkpoints, oldest first."""
+        return self.client.get_checkpoints(self.id)
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """What the job recorded with ``report()``."""
+        return self.client.get_metrics(self.id)
+
+    def logs(self) -> str:
+        """Everything the job printed so far, across all its runs."""
+        chunks, offset = [], 0
+        while True:
+            part = self.client.get_logs(self.id, offset)
+            chunks.append(part["data"])
+            if part["next_offset"] == offset or part["next_offset"] >= part["size"]:
+                return "".join(chunks)
+            offset = part["next_offset"]
+
+    def wait(self, timeout: float | None = None) -> str:
+        """Block until the job stops running (paused, finished, ...); return its state."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = _LONG_POLL if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"job {self.id} still {self._record.get('state')}")
+            status, _, raw = self.client._request(
+                "GET",
+                f"jobs/{_quote(self.id)}/result",
+                params={"wait": min(left, _LONG_POLL)},
+                timeout=min(left, _LONG_POLL) + self.client.timeout,
+            )
+            if status != 202:
+                return self.info()["state"]
+            self._record = json.loads(raw)
+        # unreachable
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait until the job stops running and return what its last run returned.
+
+        A paused job returns what the function returned when it paused (the
+        seed's ``{'status': 'paused', ...}``). Raises :class:`JobFailedError`
+        with the remote traceback if the function raised, and
+        :class:`JobStoppedError` if the run ended without returning (cancelled,
+        killed, lost).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = _LONG_POLL if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(
+                    f"job {self.id} is still {self._record.get('state')} after {timeout}s"
+                )
+            try:
+                status, _, raw = self.client._request(
+                    "GET",
+                    f"jobs/{_quote(self.id)}/result",
+                    params={"wait": min(left, _LONG_POLL)},
+                    timeout=min(left, _LONG_POLL) + self.client.timeout,
+                )
+            except JobStoppedError as e:
+                e.state = self.status()
+                raise
+            if status == 202:
+                self._record = json.loads(raw)
+                continue
+            outcome = cloudpickle.loads(raw)
+            if outcome.get("ok"):
+                return outcome.get("value")
+            raise JobFailedError(
+                outcome.get("message", ""),
+                exc_type=outcome.get("exc_type", ""),
+                remote_traceback=outcome.get("traceback", ""),
+                exception=outcome.get("exception"),
+            )
+
+    def summary(self) -> str:
+        """A one-line text description from the server's current record."""
+        r = self.info()
+        elapsed = r.get("elapsed")
+        return (
+            f"Job {self.id} {r.get('name')!r}: {r.get('state')}"
+            f" | elapsed {format_duration(elapsed) if elapsed is not None else '-'}"
+            f" of {format_duration(r.get('duration'))}"
+            f" | GPU share {r.get('gpu_memory')}"
+            + (f" | {r['message']}" if r.get("message") else "")
+        )
+
+
+def _quote(part: str) -> str:
+    return urllib.parse.quote(str(part), safe="")
+
+
+def _error_from_response(status: int, raw: bytes) -> CumulusError:
+    try:
+        body = json.loads(raw)
+        code, message = body.get("error", ""), body.get("message", "")
+    except (ValueError, AttributeError):
+        code, message = "", raw[:500].decode("utf-8", "replace")
+    cls = BY_CODE.get(code)
+    if cls is None:
+        cls = next((c for c in BY_CODE.values() if c.status == status), CumulusError)
+    err = cls(message or f"HTTP {status}")
+    return err
+
+
+def _installed_module(module_name: str) -> bool:
+    """Whether a module comes from site-packages or the standard library.
+
+    Anything else (a script's own module, a test file, a notebook's helper
+    file) may not be importable in the job process, so it is pickled by value.
+    """
+    module = sys.modules.get(module_name)
+    path = getattr(module, "__file__", None)
+    if module is None or path is None or module_name == "__main__":
+        return True  # builtins and __main__ need nothing (cloudpickle handles __main__)
+    path = os.path.realpath(path)
+    roots = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib", "platstdlib")}
+    return any(path.startswith(os.path.realpath(root) + os.sep) for root in roots)
+
+
+def _pickle_call(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """cloudpickle (func, args, kwargs); on failure, name the object that would not go."""
+    module_name = getattr(func, "__module__", None)
+    if module_name and not _installed_module(module_name):
+        cloudpickle.register_pickle_by_value(sys.modules[module_name])
+    try:
+        return cloudpickle.dumps((func, args, kwargs))
+    except Exception as e:
+        culprit = _find_unpicklable(func, args, kwargs)
+        raise BadRequestError(
+            f"cannot send the job: {culprit} cannot be pickled ({e}); create it inside the "
+            "function instead of passing or capturing it"
+        ) from e
+
+
+def _find_unpicklable(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> str:
+    def fails(obj: Any) -> bool:
+        try:
+            cloudpickle.dumps(obj)
+        except Exception:
+            return True
+        return False
+
+    for i, arg in enumerate(args):
+        if fails(arg):
+            return f"argument {i} ({type(arg).__name__})"
+    for key, value in kwargs.items():
+        if fails(value):
+            return f"keyword argument {key!r} ({type(value).__name__})"
+    code = getattr(func, "__code__", None)
+    if code is not None:
+        glb = getattr(func, "__globals__", {})
+        for name in code.co_names:
+            if name in glb and fails(glb[name]):
+                return f"global {name!r} ({type(glb[name]).__name__}) used by {func.__name__}"
+        for name, cell in zip(code.co_freevars, func.__closure__ or (), strict=False):
+            try:
+                value = cell.cell_contents
+            except ValueError:
+                continue
+            if fails(value):
+                return f"variable {name!r} ({type(value).__name__}) captured by {func.__name__}"
+    return f"the function {getattr(func, '__qualname__', func)!r}"

@@ -1,0 +1,296 @@
+"""REST handlers under ``{base_url}cumulus/api/`` (see docs/rest-api.md).
+
+Every verb is ``@web.authenticated`` then ``@authorized``: submitting a job is
+remote code execution by design, so the Jupyter credentials are the boundary.
+Errors are JSON ``{"error": code, "message": text}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from http.client import responses
+from typing import Any
+
+from jupyter_server.auth.decorator import authorized
+from jupyter_server.base.handlers import APIHandler
+from tornado import web
+
+from .errors import BadRequestError, CumulusError
+from .manager import JobManager
+
+AUTH_RESOURCE = "cumulus"
+_ID = r"(?P<job_id>[^/]+)"
+#: The longest a request may hold the connection waiting (result, logs).
+MAX_WAIT = 60.0
+_STATUS_CODES = {
+    400: "bad_request",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "invalid_state",
+    413: "payload_too_large",
+}
+
+
+class CumulusHandler(APIHandler):
+    """Base handler: JSON errors, access to the job manager."""
+
+    auth_resource = AUTH_RESOURCE
+
+    @property
+    def manager(self) -> JobManager:
+        return self.settings["cumulus_manager"]
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        code = _STATUS_CODES.get(status_code, "error")
+        message = responses.get(status_code, "error")
+        if isinstance(exc, web.HTTPError):
+            code = exc.reason or code
+            if exc.log_message:
+                message = exc.log_message % exc.args  # log_message is a %-format
+        if status_code >= 500:
+            code, message = "internal_error", "internal server error; see the server log"
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": code, "message": message}))
+
+    @contextlib.contextmanager
+    def errors(self) -> Iterator[None]:
+        """Turn the manager's errors into HTTP answers with the same code."""
+        try:
+            yield
+        except CumulusError as e:
+            raise web.HTTPError(e.status, e.message.replace("%", "%%"), reason=e.code) from None
+
+    def body(self) -> dict[str, Any]:
+        """The JSON object body; an empty body is ``{}``."""
+        if not self.request.body:
+            return {}
+        try:
+            data = json.loads(self.request.body)
+        except (ValueError, UnicodeDecodeError):
+            raise web.HTTPError(400, "the body is not valid JSON", reason="bad_request") from None
+        if not isinstance(data, dict):
+            raise web.HTTPError(400, "the body must be a JSON object", reason="bad_request")
+        return data
+
+    def number_arg(self, name: str, default: float, lo: float, hi: float) -> float:
+        raw = self.get_query_argument(name, None)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if not lo <= value <= hi:
+            raise web.HTTPError(
+                400, f"{name} must be a number from {lo:g} to {hi:g}", reason="bad_request"
+            )
+        return value
+
+    def reply(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(data, default=str))
+
+
+class JobsHandler(CumulusHandler):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        self.reply({"jobs": self.manager.list(), "gpus": self.manager.gpu_usage()})
+
+    @web.authenticated
+    @authorized("execute")
+    async def post(self) -> None:
+        with self.errors():
+            user = self.current_user
+            owner = getattr(user, "username", "") or ""
+            job = self.manager.submit(self.body(), owner=owner)
+        self.set_header("Location", self.reverse_url_safe(job["id"]))
+        self.reply(job, status=201)
+
+    def reverse_url_safe(self, job_id: str) -> str:
+        return f"{self.base_url.rstrip('/')}/cumulus/api/jobs/{job_id}"
+
+
+class JobHandler(CumulusHandler):
+    @web.authenticated
+    @authorized
+    async def get(self, job_id: str) -> None:
+        with self.errors():
+            self.reply(self.manager.public(job_id))
+
+    @web.authenticated
+    @authorized
+    async def delete(self, job_id: str) -> None:
+        with self.errors():
+            self.manager.forget(job_id)
+        self.set_status(204)
+        self.finish()
+
+
+class PauseHandler(CumulusHandler):
+    @web.authenticated
+    @authorized
+    async def post(self, job_id: str) -> None:
+        with self.errors():
+            self.body()  # an empty or JSON body; nothing in it is needed
+            self.reply(self.manager.pause(job_id))
+
+
+class ResumeHandler(CumulusHandler):
+    @web.authenticated
+    @authorized("execute")
+    async def post(self, job_id: str) -> None:
+        with self.errors():
+            body = self.body()
+            unknown = set(body) - {"checkpoint", "duration"}
+            if unknown:
+                raise BadRequestError(
+                    f"unknown field(s) {sorted(unknown)}; resume takes 'checkpoint' and 'duration'"
+                )
+            job = self.manager.resume(job_id, body.get("checkpoint"), body.get("duration"))
+            self.reply(job)
+
+
+class CancelHandler(CumulusHandler):
+    @web.authenticated
+    @authorized
+    async def post(self, job_id: str) -> None:
+        with self.errors():
+            self.body()
+            self.reply(self.manager.cancel(job_id))
+
+
+class ResultHandler(CumulusHandler):
+    """The pickled outcome of the last run, once the job stopped running.
+
+    ``?wait=S`` holds the request up to S seconds for the job to stop. While
+    it still runs the answer is 202 with the job record; a stopped job with
+    no outcome (cancelled, killed, lost) is 409 ``no_result``.
+    """
+
+    @web.authenticated
+    @authorized
+    async def get(self, job_id: str) -> None:
+        with self.errors():
+            wait = self.number_arg("wait", 0.0, 0.0, MAX_WAIT)
+            deadline = time.monotonic() + wait
+            active = ("queued", "running", "pausing")
+            while self.manager.get(job_id)["state"] in active:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.reply(self.manager.public(job_id), status=202)
+                    return
+                await self.manager.wait_for_change(job_id, left)
+            job = self.manager.get(job_id)
+            # A cancelled run's outcome is not a result, whatever it left behind.
+            data = None if job["state"] == "cancelled" else self.manager.result_bytes(job_id)
+            if data is None:
+                raise web.HTTPError(
+                    409,
+                    f"job {job_id} is {job['state']} and its last run returned nothing: "
+                    f"{job.get('message') or ''}".replace("%", "%%"),
+                    reason="no_result",
+                )
+        self.set_header("Content-Type", "application/octet-stream")
+        self.set_header("X-Cumulus-State", job["state"])
+        self.finish(data)
+
+
+class LogsHandler(CumulusHandler):
+    """``?offset=N`` bytes onward; ``?wait=S`` waits up to S seconds for new output."""
+
+    @web.authenticated
+    @authorized
+    async def get(self, job_id: str) -> None:
+        with self.errors():
+            offset = int(self.number_arg("offset", 0, 0, 2**62))
+            wait = self.number_arg("wait", 0.0, 0.0, MAX_WAIT)
+            deadline = time.monotonic() + wait
+            while True:
+                data, size = self.manager.read_log(job_id, offset)
+                running = self.manager.get(job_id)["state"] in ("queued", "running", "pausing")
+                if data or not running or time.monotonic() >= deadline:
+                    break
+                # Log growth is not an event the server hears about; a short
+                # poll keeps the wait cheap and the latency low.
+                await asyncio.sleep(0.1)
+            # Never split a UTF-8 character between two answers.
+            data = _complete_utf8(data)
+            self.reply(
+                {
+                    "offset": offset,
+                    "next_offset": offset + len(data),
+                    "size": size,
+                    "data": data.decode("utf-8", errors="replace"),
+                    "running": running,
+                }
+            )
+
+
+def _complete_utf8(data: bytes) -> bytes:
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # found the start of the last character
+            need = (
+                1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4
+            )
+            return data if need <= back else data[:-back]
+    return data
+
+
+class MetricsHandler(CumulusHandler):
+    @web.authenticated
+    @authorized
+    async def get(self, job_id: str) -> None:
+        with self.errors():
+            self.reply({"metrics": self.manager.metrics(job_id)})
+
+
+class CheckpointsHandler(CumulusHandler):
+    @web.authenticated
+    @authorized
+    async def get(self, job_id: str) -> None:
+        with self.errors():
+            self.reply({"checkpoints": self.manager.checkpoints(job_id)})
+
+
+class CheckpointHandler(CumulusHandler):
+    @web.authenticated
+    @authorized
+    async def delete(self, job_id: str, name: str) -> None:
+        with self.errors():
+            self.manager.delete_checkpoint(job_id, name)
+        self.set_status(204)
+        self.finish()
+
+
+class GpusHandler(CumulusHandler):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        self.reply({"gpus": self.manager.gpu_usage()})
+
+
+def handlers() -> list[tuple[str, type[CumulusHandler]]]:
+    """Routes relative to the server's base_url."""
+    api = r"/cumulus/api"
+    return [
+        (rf"{api}/jobs/?", JobsHandler),
+        (rf"{api}/gpus/?", GpusHandler),
+        (rf"{api}/jobs/{_ID}/?", JobHandler),
+        (rf"{api}/jobs/{_ID}/pause/?", PauseHandler),
+        (rf"{api}/jobs/{_ID}/resume/?", ResumeHandler),
+        (rf"{api}/jobs/{_ID}/cancel/?", CancelHandler),
+        (rf"{api}/jobs/{_ID}/result/?", ResultHandler),
+        (rf"{api}/jobs/{_ID}/logs/?", LogsHandler),
+        (rf"{api}/jobs/{_ID}/metrics/?", MetricsHandler),
+        (rf"{api}/jobs/{_ID}/checkpoints/?", CheckpointsHandler),
+        (rf"{api}/jobs/{_ID}/checkpoints/(?P<name>[^/]+)", CheckpointHandler),
+    ]

@@ -1,0 +1,115 @@
+"""Where the job process is and whether it has been asked to pause (no torch import here)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from .fileio import make_private_dir, read_json
+
+JOB_DIR_ENV = "CUMULUS_JOB_DIR"
+JOB_ID_ENV = "CUMULUS_JOB_ID"
+#: Signal the server sends to tell a job that control.json asks it to pause.
+PAUSE_SIGNAL = signal.SIGUSR1
+#: How often should_pause() looks at control.json when no signal arrived
+#: (a fallback for a lost signal, e.g. a job re-adopted after a server restart).
+_CONTROL_POLL_SECONDS = 1.0
+
+
+class JobInterrupted(BaseException):
+    """Raised in the job when SIGTERM or SIGINT stopped it (after saving, if guarded).
+
+    A ``BaseException`` like ``KeyboardInterrupt``, so ``except Exception``
+    in training code does not swallow it.
+    """
+
+    def __init__(self, signum: int, checkpoint: str | None = None):
+        self.signum = signum
+        self.checkpoint = checkpoint
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+_pause_requested = False
+_pause_observed = False
+_next_control_check = 0.0
+_control_mtime: float | None = None
+
+
+def in_job() -> bool:
+    """True inside a job process started by the cumulus server."""
+    return JOB_DIR_ENV in os.environ
+
+
+def job_dir() -> Path:
+    """The directory of the current job.
+
+    Outside a job (debugging the training code in a kernel) this is
+    ``./cumulus-local``, created on first use, so the same code runs unchanged.
+    """
+    env = os.environ.get(JOB_DIR_ENV)
+    if env:
+        return Path(env)
+    return make_private_dir(Path.cwd() / "cumulus-local")
+
+
+def job_id() -> str | None:
+    """The id of the current job, or ``None`` outside a job."""
+    return os.environ.get(JOB_ID_ENV)
+
+
+def read_control() -> dict[str, Any]:
+    """The server's instructions to this job (``control.json``); empty outside a job."""
+    if not in_job():
+        return {}
+    try:
+        data = read_json(job_dir() / "control.json", default={})
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def request_pause(*_: Any) -> None:
+    """Mark the job as asked to pause. Installed as the pause signal's handler."""
+    global _pause_requested
+    _pause_requested = True
+
+
+def should_pause() -> bool:
+    """Whether the job was asked to pause; call it at every batch boundary.
+
+    It costs a flag test almost always: the server signals the process when it
+    writes the pause flag, and ``control.json`` is looked at no more than once
+    a second as a fallback. Outside a job it is always ``False``.
+    """
+    global _next_control_check, _control_mtime, _pause_observed
+    if _pause_requested:
+        _pause_observed = True
+        return True
+    if not in_job():
+        return False
+    now = time.monotonic()
+    if now < _next_control_check:
+        return False
+    _next_control_check = now + _CONTROL_POLL_SECONDS
+    try:
+        mtime = os.stat(job_dir() / "control.json").st_mtime
+    except OSError:
+        return False
+    if mtime != _control_mtime:
+        _control_mtime = mtime
+        if read_control().get("pause"):
+            request_pause()
+            _pause_observed = True
+    return _pause_requested
+
+
+def pause_observed() -> bool:
+    """Whether training code has been told to pause (should_pause() returned True).
+
+    The worker uses it to tell a run that stopped for a pause from one that
+    finished on its own while a pause request was on its way.
+    """
+    return _pause_observed

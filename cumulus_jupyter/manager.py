@@ -1,0 +1,556 @@
+"""The job manager: lifecycle, queue, GPU-share admission, duration limits, escalation.
+
+It runs in the Jupyter server's event loop. Every operation is a quick,
+synchronous state change (so two requests on one job can never interleave);
+only the waits (``wait_for_change``, logs) await. A monitor task notices when
+processes end, enforces duration limits and escalates pauses nobody answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .backend import Backend, LocalBackend, ProcessHandle, default_python
+from .checkpoints import CheckpointIndex
+from .errors import (
+    BadRequestError,
+    InvalidStateError,
+    JobNotFoundError,
+    PayloadTooLargeError,
+)
+from .gpu import ShareLedger
+from .spec import SpecError, parse_duration, parse_gpu_memory, parse_name, python_version
+from .states import ACTIVE, RESUMABLE, JobState, can_transition
+from .store import JobStore
+
+#: Environment variables a job must not inherit from the server.
+_SECRET_ENV = ("CUMULUS_TOKEN", "JUPYTER_TOKEN", "JPY_API_TOKEN")
+_SUBMIT_FIELDS = {"payload", "name", "gpu_memory", "duration", "python", "python_version"}
+_MONITOR_INTERVAL = 0.2
+_LOG_CHUNK = 1 << 20
+
+
+class JobManager:
+    """Owns every job of one job root."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        backend: Backend | None = None,
+        devices: list[str] | None = None,
+        pause_timeout: float = 60.0,
+        kill_grace: float = 10.0,
+        max_payload_bytes: int = 256 << 20,
+        log: logging.Logger | None = None,
+    ):
+        self.store = JobStore(root)
+        self.backend = backend or LocalBackend()
+        self.ledger = ShareLedger(list(devices or []))
+        self.pause_timeout = pause_timeout
+        self.kill_grace = kill_grace
+        self.max_payload_bytes = max_payload_bytes
+        self.log = log or logging.getLogger("cumulus_jupyter")
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self._changed: dict[str, asyncio.Event] = {}
+        self._monitor: asyncio.Task[None] | None = None
+
+    # -- start / stop ----------------------------------------------------------
+
+    def load(self) -> None:
+        """Rebuild the in-memory view from the job root and re-adopt live jobs."""
+        for job_id in self.store.job_ids():
+            try:
+                record = self.store.read_record(job_id)
+            except ValueError as e:
+                self.log.error("cumulus: job %s is damaged and was skipped: %s", job_id, e)
+                continue
+            record["id"] = job_id
+            self.jobs[job_id] = record
+            state = JobState(record.get("state", "lost"))
+            if state in (JobState.RUNNING, JobState.PAUSING):
+                handle = ProcessHandle.from_json(record.get("process"))
+                if handle is not None and self.backend.adopt(handle):
+                    self.ledger.take(job_id, record.get("device") or "", record["gpu_memory"])
+                    self.log.info("cumulus: re-adopted job %s (pid %s)", job_id, handle.pid)
+                else:
+                    self._finish(job_id)
+        self._admit()
+
+    async def start(self) -> None:
+        self.load()
+        self._monitor = asyncio.create_task(self._monitor_loop())
+
+    async def stop(self) -> None:
+        """Stop watching. Jobs keep running and are re-adopted at the next start."""
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+            self._monitor = None
+
+    # -- queries ---------------------------------------------------------------
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        job = self.jobs.get(job_id) if isinstance(job_id, str) else None
+        if job is None:
+            raise JobNotFoundError(f"no job {job_id!r}; list jobs with GET /cumulus/api/jobs")
+        return job
+
+    def public(self, job_id: str) -> dict[str, Any]:
+        """The record the API shows for one job."""
+        job = self.get(job_id)
+        out = {k: v for k, v in job.items() if not k.startswith("_")}
+        now = time.time()
+        started = job.get("started")
+        if started:
+            end = job.get("ended") if job["state"] not in ("running", "pausing") else None
+            out["elapsed"] = round((end or now) - started, 3)
+        else:
+            out["elapsed"] = None
+        return out
+
+    def list(self) -> list[dict[str, Any]]:
+        return sorted(
+            (self.public(j) for j in self.jobs), key=lambda r: (r.get("created") or 0, r["id"])
+        )
+
+    def gpu_usage(self) -> list[dict[str, Any]]:
+        return self.ledger.usage()
+
+    # -- submit ----------------------------------------------------------------
+
+    def submit(self, body: Any, owner: str = "") -> dict[str, Any]:
+        """Validate a submission, store it, and queue the job."""
+        if not isinstance(body, dict):
+            raise BadRequestError("the request body must be a JSON object")
+        unknown = set(body) - _SUBMIT_FIELDS
+        if unknown:
+            raise BadRequestError(
+                f"unknown field(s) {sorted(unknown)}; known fields: {sorted(_SUBMIT_FIELDS)}"
+            )
+        payload = self._decode_payload(body.get("payload"))
+        try:
+            gpu_memory = parse_gpu_memory(body.get("gpu_memory", 1.0))
+            duration = parse_duration(body.get("duration"))
+            name = parse_name(body.get("name"), default="job")
+        except SpecError as e:
+            raise BadRequestError(str(e)) from None
+        client_version = body.get("python_version")
+        if not isinstance(client_version, str) or not client_version:
+            raise BadRequestError(
+                "python_version is required (e.g. '3.11'): jobs are pickled with cloudpickle, "
+                "which needs the same Python version on both ends"
+            )
+        python = self._choose_python(body.get("python"), client_version)
+        job_id = self.store.new_id()
+        record: dict[str, Any] = {
+            "id": job_id,
+            "name": name,
+            "owner": owner,
+            "created": time.time(),
+            "gpu_memory": gpu_memory,
+            "duration": duration,
+            "python": python,
+            "python_version": client_version,
+            "state": JobState.QUEUED.value,
+            "queued_at": time.time(),
+            "run": 0,
+            "runs": [],
+            "device": None,
+            "process": None,
+            "started": None,
+            "ended": None,
+            "message": "waiting for a GPU share",
+            "resume_checkpoint": None,
+            "pause_requested": None,
+            "pause_reason": None,
+            "cancel_requested": None,
+            "escalation": None,
+        }
+        self.store.create(job_id, record, payload)
+        self.jobs[job_id] = record
+        self._admit()
+        return self.public(job_id)
+
+    def _decode_payload(self, value: Any) -> bytes:
+        if not isinstance(value, str) or not value:
+            raise BadRequestError(
+                "payload is required: the base64 of cloudpickle.dumps((func, args, kwargs))"
+            )
+        if len(value) * 3 // 4 > self.max_payload_bytes:
+            raise PayloadTooLargeError(self._too_large_message())
+        try:
+            payload = base64.b64decode(value, validate=True)
+        except ValueError:
+            raise BadRequestError("payload is not valid base64") from None
+        if len(payload) > self.max_payload_bytes:
+            raise PayloadTooLargeError(self._too_large_message())
+        # Look at the framing only (protocol 2+ opens with PROTO, every pickle
+        # closes with STOP); the server never unpickles what it was sent.
+        if len(payload) < 3 or payload[0] != 0x80 or payload[-1:] != b".":
+            raise BadRequestError("payload is not a complete pickle (empty or truncated?)")
+        return payload
+
+    def _too_large_message(self) -> str:
+        mb = self.max_payload_bytes / (1 << 20)
+        return (
+            f"the pickled function and arguments exceed the server's limit of {mb:.0f} MiB: "
+            "load large data inside the job instead of shipping it, or raise "
+            "CumulusApp.max_payload_bytes"
+        )
+
+    def _choose_python(self, python: Any, version: str) -> str:
+        if isinstance(python, str) and os.path.isabs(python) and os.access(python, os.X_OK):
+            return python  # the submitter's own interpreter, with its packages
+        if version != python_version():
+            raise BadRequestError(
+                f"the job was pickled by Python {version}, but its interpreter is not on this "
+                f"host and the server's Python is {python_version()}: submit from "
+                f"Python {python_version()}"
+            )
+        return default_python()
+
+    # -- control ---------------------------------------------------------------
+
+    def pause(self, job_id: str, reason: str = "user") -> dict[str, Any]:
+        """Ask a running job to checkpoint and stop at its next batch boundary."""
+        job = self.get(job_id)
+        state = JobState(job["state"])
+        if state is JobState.PAUSING:
+            raise InvalidStateError(f"job {job_id} is already pausing")
+        if state is not JobState.RUNNING or job.get("cancel_requested"):
+            raise InvalidStateError(f"job {job_id} is {state.value}; only a running job can pause")
+        self.store.write_control(job_id, pause=True, reason=reason, requested=time.time())
+        job.update(
+            state=JobState.PAUSING.value,
+            pause_requested=time.time(),
+            pause_reason=reason,
+            message="duration limit reached, pausing" if reason == "duration" else "pausing",
+        )
+        handle = ProcessHandle.from_json(job.get("process"))
+        # Before the worker has installed its handler the signal would kill
+        # it; it then sees the flag in control.json within a second anyway.
+        if handle is not None and self.store.read_state(job_id).get("run") == job["run"]:
+            self.backend.notify_pause(handle)
+        self._save(job_id)
+        return self.public(job_id)
+
+    def resume(self, job_id: str, checkpoint: Any = None, duration: Any = None) -> dict[str, Any]:
+        """Queue a stopped job again: the same function continues from a checkpoint."""
+        job = self.get(job_id)
+        state = JobState(job["state"])
+        if state not in RESUMABLE:
+            raise InvalidStateError(
+                f"job {job_id} is {state.value}; only a paused, timed-out or lost job can resume"
+            )
+        if checkpoint is not None:
+            if not isinstance(checkpoint, str) or not checkpoint:
+                raise BadRequestError("checkpoint must be the name of one of the job's checkpoints")
+            if self.checkpoint_index(job_id).get(checkpoint) is None:
+                raise JobNotFoundError(
+                    f"job {job_id} has no checkpoint {checkpoint!r}; list them with "
+                    f"GET /cumulus/api/jobs/{job_id}/checkpoints"
+                )
+        if duration is not None:
+            try:
+                job["duration"] = parse_duration(duration)
+            except SpecError as e:
+                raise BadRequestError(str(e)) from None
+        self.store.write_control(
+            job_id, pause=False, cancel=False, reason=None, resume_checkpoint=checkpoint
+        )
+        job.update(
+            state=JobState.QUEUED.value,
+            queued_at=time.time(),
+            resume_checkpoint=checkpoint,
+            pause_requested=None,
+            pause_reason=None,
+            cancel_requested=None,
+            escalation=None,
+            message="waiting for a GPU share",
+        )
+        self._save(job_id)
+        self._admit()
+        return self.public(job_id)
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Stop a job for good; its process tree is removed."""
+        job = self.get(job_id)
+        state = JobState(job["state"])
+        if state in (JobState.QUEUED, *RESUMABLE):
+            self._set_state(job_id, JobState.CANCELLED, "cancelled")
+            return self.public(job_id)
+        if state not in (JobState.RUNNING, JobState.PAUSING):
+            raise InvalidStateError(f"job {job_id} is {state.value}; it cannot be cancelled")
+        if not job.get("cancel_requested"):
+            self.store.write_control(job_id, cancel=True)
+            job.update(cancel_requested=time.time(), message="cancelling")
+            handle = ProcessHandle.from_json(job.get("process"))
+            if handle is not None:
+                self.backend.terminate(handle)
+            self._save(job_id)
+        return self.public(job_id)
+
+    def forget(self, job_id: str) -> None:
+        """Delete a job that is not running, with its directory."""
+        job = self.get(job_id)
+        if JobState(job["state"]) in ACTIVE:
+            raise InvalidStateError(f"job {job_id} is {job['state']}; cancel it before deleting it")
+        self.store.remove(job_id)
+        del self.jobs[job_id]
+        self._notify(job_id)
+
+    # -- files -----------------------------------------------------------------
+
+    def checkpoint_index(self, job_id: str) -> CheckpointIndex:
+        self.get(job_id)
+        return CheckpointIndex(self.store.path(job_id) / "checkpoints")
+
+    def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+        index = self.checkpoint_index(job_id)
+        entries = index.entries()
+        for entry in entries:
+            entry.pop("path", None)  # server paths are nobody's business over HTTP
+        return entries
+
+    def delete_checkpoint(self, job_id: str, name: str) -> None:
+        job = self.get(job_id)
+        index = self.checkpoint_index(job_id)
+        entry = index.get(name)
+        if entry is None:
+            raise JobNotFoundError(f"job {job_id} has no checkpoint {name!r}")
+        if JobState(job["state"]) in RESUMABLE:
+            latest = index.latest()
+            if latest and latest["name"] == name:
+                raise InvalidStateError(
+                    f"checkpoint {name!r} is the one job {job_id} resumes from; "
+                    "resume or cancel the job first"
+                )
+        if JobState(job["state"]) is JobState.QUEUED and job.get("resume_checkpoint") == name:
+            raise InvalidStateError(f"job {job_id} is queued to resume from {name!r}")
+        index.remove(name)
+
+    def metrics(self, job_id: str) -> list[dict[str, Any]]:
+        import json
+
+        path = self.store.path(self.get(job_id)["id"]) / "metrics.jsonl"
+        out = []
+        with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8") as f:
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    if isinstance(record, dict):
+                        out.append(record)
+        return out
+
+    def result_bytes(self, job_id: str) -> bytes | None:
+        path = self.store.path(self.get(job_id)["id"]) / "result.pkl"
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def read_log(self, job_id: str, offset: int, limit: int = _LOG_CHUNK) -> tuple[bytes, int]:
+        """Bytes of ``output.log`` from ``offset`` and the log's total size."""
+        path = self.store.path(self.get(job_id)["id"]) / "output.log"
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                f.seek(min(offset, size))
+                return f.read(max(0, min(limit, _LOG_CHUNK))), size
+        except FileNotFoundError:
+            return b"", 0
+
+    async def wait_for_change(self, job_id: str, timeout: float) -> None:
+        """Return when the job's record changes, or after ``timeout`` seconds."""
+        event = self._changed.setdefault(job_id, asyncio.Event())
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+
+    # -- internals -------------------------------------------------------------
+
+    def _notify(self, job_id: str) -> None:
+        event = self._changed.pop(job_id, None)
+        if event is not None:
+            event.set()
+
+    def _save(self, job_id: str) -> None:
+        job = self.jobs[job_id]
+        try:
+            self.store.write_record(job_id, job)
+        except OSError as e:  # e.g. disk full: keep serving, say so in the record
+            job["message"] = f"could not save the job record: {e.strerror or e}"
+            self.log.error("cumulus: could not write the record of job %s: %s", job_id, e)
+        self._notify(job_id)
+
+    def _set_state(self, job_id: str, new: JobState, message: str) -> None:
+        job = self.jobs[job_id]
+        old = JobState(job["state"])
+        if old is not new and not can_transition(old, new):
+            raise InvalidStateError(f"job {job_id} cannot go from {old.value} to {new.value}")
+        job["state"] = new.value
+        job["message"] = message
+        self._save(job_id)
+
+    def _admit(self) -> None:
+        """Start queued jobs, oldest first, on any device with room for their share."""
+        queued = sorted(
+            (j for j in self.jobs.values() if j["state"] == JobState.QUEUED.value),
+            key=lambda j: (j.get("queued_at") or j.get("created") or 0, j["id"]),
+        )
+        for job in queued:
+            device = self.ledger.place(job["gpu_memory"])
+            if device is not None:
+                self._start_run(job["id"], device)
+
+    def _job_env(self, job: dict[str, Any], device: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
+        env.update(
+            CUMULUS_JOB_DIR=str(self.store.path(job["id"])),
+            CUMULUS_JOB_ID=job["id"],
+            CUMULUS_RUN=str(job["run"]),
+            CUMULUS_GPU_FRACTION=repr(job["gpu_memory"]),
+            PYTHONUNBUFFERED="1",
+            # Pin the job to its device; with no GPUs configured, hide them all.
+            CUDA_VISIBLE_DEVICES=device if self.ledger.has_gpus else "",
+        )
+        return env
+
+    def _start_run(self, job_id: str, device: str) -> None:
+        job = self.jobs[job_id]
+        job_dir = self.store.path(job_id)
+        job["run"] = int(job.get("run", 0)) + 1
+        # The last run's result must not pass for this run's.
+        with contextlib.suppress(FileNotFoundError):
+            (job_dir / "result.pkl").unlink()
+        try:
+            handle = self.backend.start(job_dir, job["python"], self._job_env(job, device))
+        except OSError as e:
+            job["ended"] = time.time()
+            self._set_state(job_id, JobState.FAILED, f"could not start the job process: {e}")
+            return
+        self.ledger.take(job_id, device, job["gpu_memory"])
+        now = time.time()
+        job.update(
+            device=device,
+            process=handle.to_json(),
+            started=now,
+            ended=None,
+            escalation=None,
+        )
+        job.setdefault("runs", []).append(
+            {"run": job["run"], "started": now, "pid": handle.pid, "device": device}
+        )
+        self._set_state(job_id, JobState.RUNNING, "running")
+
+    def _finish(self, job_id: str) -> None:
+        """The job's process has ended: record how, free its share, start the next."""
+        job = self.jobs[job_id]
+        handle = ProcessHandle.from_json(job.get("process"))
+        exit_code = self.backend.exit_code(handle) if handle else None
+        if handle is not None:
+            self.backend.cleanup(handle)
+        reported = self.store.read_state(job_id)
+        outcome = reported.get("state") if reported.get("run") == job.get("run") else None
+        pausing = bool(job.get("pause_requested"))
+        timed = job.get("pause_reason") == "duration"
+        if outcome in ("completed", "failed"):
+            new = JobState(outcome)
+        elif job.get("cancel_requested") or outcome == "cancelled":
+            new = JobState.CANCELLED
+        elif outcome in ("paused", "timed_out") or pausing:
+            new = JobState.TIMED_OUT if timed or outcome == "timed_out" else JobState.PAUSED
+        else:
+            new = JobState.LOST
+        messages = {
+            JobState.COMPLETED: "completed",
+            JobState.FAILED: reported.get("error") or "the job raised an exception",
+            JobState.CANCELLED: "cancelled",
+            JobState.PAUSED: "paused",
+            JobState.TIMED_OUT: "duration limit reached; resume to continue",
+            JobState.LOST: (
+                "the job process ended without recording an outcome"
+                + (f" (exit status {exit_code})" if exit_code is not None else "")
+                + "; see its log, resume it from its last checkpoint"
+            ),
+        }
+        message = messages[new]
+        if job.get("escalation") and new in (JobState.PAUSED, JobState.TIMED_OUT):
+            message += f" (did not stop in time: {job['escalation']} sent)"
+        self.ledger.release(job_id)
+        now = time.time()
+        job["ended"] = reported.get("ended") or now
+        if job.get("runs"):
+            job["runs"][-1].update(
+                ended=job["ended"],
+                state=new.value,
+                exit_code=exit_code,
+                stop=job.get("escalation") or ("cooperative" if pausing else None),
+            )
+        if not can_transition(JobState(job["state"]), new):
+            new = JobState.LOST  # never leave a job stuck in an active state
+        self._set_state(job_id, new, message)
+
+    def _escalate(self, job_id: str, now: float) -> None:
+        job = self.jobs[job_id]
+        handle = ProcessHandle.from_json(job.get("process"))
+        if handle is None:
+            return
+        if job.get("cancel_requested"):
+            if now - job["cancel_requested"] >= self.kill_grace and job["escalation"] != "sigkill":
+                self.backend.kill(handle)
+                job["escalation"] = "sigkill"
+                self._save(job_id)
+            return
+        if job["state"] != JobState.PAUSING.value:
+            return
+        if job["escalation"] is None and now - job["pause_requested"] >= self.pause_timeout:
+            self.log.warning("cumulus: job %s ignored the pause; sending SIGTERM", job_id)
+            self.backend.terminate(handle)
+            job.update(escalation="sigterm", escalated_at=now)
+            self._save(job_id)
+        elif job["escalation"] == "sigterm" and now - job["escalated_at"] >= self.kill_grace:
+            self.log.warning("cumulus: job %s ignored SIGTERM; killing it", job_id)
+            self.backend.kill(handle)
+            job.update(escalation="sigkill", escalated_at=now)
+            self._save(job_id)
+
+    def tick(self) -> None:
+        """One pass of the monitor: exits, duration limits, escalation, admission."""
+        now = time.time()
+        finished = False
+        for job_id, job in list(self.jobs.items()):
+            if job["state"] not in (JobState.RUNNING.value, JobState.PAUSING.value):
+                continue
+            handle = ProcessHandle.from_json(job.get("process"))
+            if handle is None or not self.backend.is_alive(handle):
+                self._finish(job_id)
+                finished = True
+                continue
+            duration = job.get("duration")
+            if (
+                duration
+                and job["state"] == JobState.RUNNING.value
+                and not job.get("cancel_requested")
+                and now - job["started"] >= duration
+            ):
+                self.pause(job_id, reason="duration")
+            self._escalate(job_id, now)
+        if finished:
+            self._admit()
+
+    async def _monitor_loop(self) -> None:
+        while True:
+            try:
+                self.tick()
+            except Exception:  # one bad job must not stop the watching of the others
+                self.log.exception("cumulus: monitor pass failed")
+            await asyncio.sleep(_MONITOR_INTERVAL)

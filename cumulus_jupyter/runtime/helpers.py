@@ -1,0 +1,71 @@
+"""Metrics reporting and the save-on-interrupt guard."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import numbers
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ..jobcontext import JobInterrupted, job_dir
+from .checkpoint import Checkpointer
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bool | str) or value is None:
+        return value
+    if hasattr(value, "item") and callable(value.item):  # torch / NumPy scalars
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError):
+            raise TypeError("report() takes scalars; got a tensor with several elements") from None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        f = float(value)
+        return f if math.isfinite(f) else str(f)
+    raise TypeError(f"report() takes numbers and strings; got {type(value).__name__}")
+
+
+def report(**metrics: Any) -> None:
+    """Record metrics (``report(step=10, total=500, loss=0.31)``) for the job's UI.
+
+    Each call appends one JSON line to ``metrics.jsonl``; ``step`` and
+    ``total`` drive progress bars, everything else is plotted.
+    """
+    record = {key: _plain(value) for key, value in metrics.items()}
+    record["time"] = time.time()
+    with open(job_dir() / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+@contextlib.contextmanager
+def save_on_interrupt(
+    ckpt: Checkpointer,
+    model: Any,
+    optimizer: Any,
+    get_epoch: Callable[[], int],
+    get_step: Callable[[], int],
+) -> Iterator[None]:
+    """Save a checkpoint if SIGTERM or SIGINT arrives inside the block, then stop.
+
+    This is what the server's escalation relies on when a job does not answer
+    a pause in time: it sends SIGTERM, the guard saves at the current epoch and
+    step, and the job ends as paused and resumable. ``get_epoch`` and
+    ``get_step`` are called at that moment, e.g. ``lambda: epoch``.
+    """
+
+    def handler(signum: int, _frame: Any) -> None:
+        path = ckpt.save(model, optimizer, get_epoch(), get_step())
+        raise JobInterrupted(signum, path)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

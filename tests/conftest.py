@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from servers import ServerProcess
+
+pytest_plugins = ("pytest_jupyter.jupyter_server",)
+
+
+@pytest.fixture
+def jp_server_config(tmp_path):
+    return {
+        "ServerApp": {
+            "jpserver_extensions": {"cumulus_jupyter": True},
+            "allow_unauthenticated_access": False,
+        },
+        "CumulusApp": {
+            "job_root": str(tmp_path / "jobs"),
+            "gpus": [],
+            "max_payload_bytes": 64 * 1024,
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real `jupyter server` subprocess with the extension, shared by a module's tests."""
+    srv = ServerProcess(tmp_path_factory.mktemp("server"), pause_timeout=3, kill_grace=2).start()
+    yield srv
+    srv.stop()
+    _kill_leftover_jobs(srv.job_root)
+
+
+@pytest.fixture
+def client(server):
+    return server.client()
+
+
+def _kill_leftover_jobs(root: Path) -> None:
+    """Tests must not leave job processes behind on a shared CI machine."""
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            cmd = proc.info["cmdline"] or []
+            if "cumulus_jupyter.worker" in cmd and any(str(root) in c for c in cmd):
+                proc.kill()

@@ -1,0 +1,177 @@
+"""Functions the end-to-end tests run as jobs.
+
+This module is not installed, so the client ships it by value: the job
+process never imports it. The header is the seed document's, verbatim.
+"""
+
+from cumulus.sdk import CumulusClient  # noqa: F401 - the seed's import line
+from runtime import Checkpointer, should_pause
+
+
+def train_with_checkpoints():
+    """The seed document's "Basic Checkpointed Training", unchanged."""
+    import torch
+    import torch.nn as nn
+    import torch.optim as optim
+    from torch.utils.data import DataLoader, TensorDataset
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    # Create model and optimizer
+    model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10)).to(device)
+
+    optimizer = optim.Adam(model.parameters(), lr=0.001)
+    criterion = nn.CrossEntropyLoss()
+
+    # Create data
+    X = torch.randn(1000, 784).to(device)
+    y = torch.randint(0, 10, (1000,)).to(device)
+    dataloader = DataLoader(TensorDataset(X, y), batch_size=32)
+
+    # Initialize checkpointing
+    ckpt = Checkpointer()
+
+    # Training loop
+    for epoch in range(10):
+        for step, (data, target) in enumerate(dataloader):
+            optimizer.zero_grad()
+            output = model(data)
+            loss = criterion(output, target)
+            loss.backward()
+            optimizer.step()
+
+            # Check for pause signal
+            if should_pause():
+                ckpt.save(model, optimizer, epoch, step)
+                return {"status": "paused", "checkpoint": ckpt.path}
+
+            # Periodic checkpointing
+            if ckpt.time_to_checkpoint(step, every_steps=100):
+                ckpt.save(model, optimizer, epoch, step)
+
+    return {"status": "completed"}
+
+
+def resumable_train(epochs=3, steps=20, step_seconds=0.02, every_steps=5):
+    """Seed-style manual resume: load if a checkpoint exists, continue after its step."""
+    import time
+
+    import torch
+    from torch import nn
+
+    from cumulus_jupyter.runtime import report
+
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    ckpt = Checkpointer()
+    start_epoch, start_step, loaded = 0, 0, None
+    if ckpt.exists():
+        state = ckpt.load(model, optimizer)
+        start_epoch, start_step, loaded = state["epoch"], state["step"] + 1, state["name"]
+        if start_step >= steps:
+            start_epoch, start_step = start_epoch + 1, 0
+    print(f"starting at epoch {start_epoch} step {start_step}", flush=True)
+    for epoch in range(start_epoch, epochs):
+        for step in range(start_step if epoch == start_epoch else 0, steps):
+            x = torch.randn(4, 8)
+            loss = model(x).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            time.sleep(step_seconds)
+            report(step=epoch * steps + step, total=epochs * steps, loss=loss)
+            if should_pause():
+                ckpt.save(model, optimizer, epoch, step)
+                return {"status": "paused", "epoch": epoch, "step": step}
+            if ckpt.time_to_checkpoint(step, every_steps=every_steps):
+                ckpt.save(model, optimizer, epoch, step)
+    return {
+        "status": "completed",
+        "start_epoch": start_epoch,
+        "start_step": start_step,
+        "loaded": loaded,
+    }
+
+
+def ignore_everything(pidfile):
+    """Never checks should_pause and ignores SIGTERM: only SIGKILL stops it."""
+    import os
+    import signal
+    import time
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with open(pidfile, "w") as f:
+        f.write(str(os.getpid()))
+    while True:
+        time.sleep(0.05)
+
+
+def guarded_train(ready_file):
+    """Never checks should_pause, but saves a checkpoint when SIGTERM arrives."""
+    import time
+
+    import torch
+    from torch import nn
+
+    from cumulus_jupyter.runtime import save_on_interrupt
+
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ckpt = Checkpointer()
+    step = 0
+    with save_on_interrupt(ckpt, model, optimizer, lambda: 0, lambda: step):
+        open(ready_file, "w").close()
+        while True:
+            step += 1
+            time.sleep(0.01)
+
+
+def spawn_tree(pidfile):
+    """A DataLoader with 2 workers, a subprocess and a grandchild, then wait forever."""
+    import os
+    import subprocess
+    import time
+
+    import psutil
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    class Slow(Dataset):
+        def __len__(self):
+            return 10**6
+
+        def __getitem__(self, i):
+            time.sleep(0.01)
+            return torch.tensor([i])
+
+    subprocess.Popen(["sh", "-c", "sleep 600 & sleep 600"])
+    it = iter(DataLoader(Slow(), num_workers=2, batch_size=1))
+    next(it)
+    me = psutil.Process()
+    pids = [me.pid] + [c.pid for c in me.children(recursive=True)]
+    with open(pidfile + ".tmp", "w") as f:
+        f.write(" ".join(map(str, pids)))
+    os.replace(pidfile + ".tmp", pidfile)
+    while True:
+        next(it)
+
+
+def failing(x):
+    """Raises, so the client must raise with the remote traceback."""
+
+    def inner():
+        raise ValueError(f"bad value {x}")
+
+    inner()
+
+
+def add(a, b=0):
+    return a + b
+
+
+def sleep_then(seconds, value):
+    import time
+
+    time.sleep(seconds)
+    return value

@@ -1,0 +1,284 @@
+"""End to end: a real `jupyter server` subprocess, real job processes, real torch on CPU."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import jobfuncs
+import psutil
+import pytest
+from servers import ServerProcess, wait_until
+
+from cumulus_jupyter import CumulusClient
+from cumulus_jupyter.errors import (
+    BadRequestError,
+    CumulusError,
+    InvalidStateError,
+    JobFailedError,
+    JobNotFoundError,
+    JobStoppedError,
+)
+
+
+def wait_state(job, *states, timeout=60):
+    return wait_until(lambda: job.status() in states, timeout=timeout, what=f"{job} in {states}")
+
+
+def test_seed_basic_checkpointed_training(client):
+    result = client.run(func=jobfuncs.train_with_checkpoints, gpu_memory=0.8, duration=300)
+    assert result == {"status": "completed"}
+
+
+def test_pause_resume_continues_from_saved_step(client):
+    job = client.run_async(
+        func=jobfuncs.resumable_train,
+        kwargs={"epochs": 2, "steps": 200, "step_seconds": 0.02},
+        gpu_memory=0.8,
+        duration=600,
+    )
+    # Pause only once training is under way (metrics are reported per step).
+    wait_until(lambda: len(job.metrics()) >= 5, what="training steps")
+    job.pause()
+    paused = job.result(timeout=60)
+    assert job.status() == "paused"
+    assert paused["status"] == "paused"
+    checkpoints = job.get_checkpoints()
+    print(f"Available checkpoints: {len(checkpoints)}")
+    assert len(checkpoints) >= 1
+    latest = checkpoints[-1]
+    assert (latest["epoch"], latest["step"]) == (paused["epoch"], paused["step"])
+
+    with pytest.raises(InvalidStateError):
+        job.pause()  # a paused job cannot pause again
+
+    job.resume()
+    result = job.result(timeout=120)
+    assert result["status"] == "completed"
+    # The resumed run started right after the saved step, not from 0.
+    assert (result["start_epoch"], result["start_step"]) == (paused["epoch"], paused["step"] + 1)
+    assert result["loaded"] == latest["name"]
+    info = job.info()
+    assert [r["state"] for r in info["runs"]] == ["paused", "completed"]
+    assert info["runs"][0]["stop"] == "cooperative"
+    log = job.logs()
+    assert "starting at epoch 0 step 0" in log  # the log is kept across runs
+    assert f"starting at epoch {paused['epoch']} step {paused['step'] + 1}" in log
+
+
+def test_resume_from_named_earlier_checkpoint(client):
+    job = client.run_async(
+        jobfuncs.resumable_train,
+        kwargs={"epochs": 1, "steps": 400, "step_seconds": 0.01, "every_steps": 10},
+    )
+    wait_until(lambda: len(job.get_checkpoints()) >= 3, what="three periodic checkpoints")
+    job.pause()
+    job.wait(timeout=60)
+    checkpoints = job.get_checkpoints()
+    earlier = checkpoints[0]
+    assert earlier["name"] != checkpoints[-1]["name"]
+    with pytest.raises(JobNotFoundError, match=r"no-such\.pt"):
+        job.resume(checkpoint="no-such.pt")
+    assert job.status() == "paused"  # a refused resume changes nothing
+    job.resume(checkpoint=earlier["name"])
+    result = job.result(timeout=120)
+    assert result["loaded"] == earlier["name"]
+    assert result["start_step"] == earlier["step"] + 1
+
+
+def test_cancel_kills_the_whole_process_tree(client, tmp_path):
+    pidfile = str(tmp_path / "pids")
+    job = client.run_async(jobfuncs.spawn_tree, args=[pidfile], gpu_memory=0.3)
+    wait_until(lambda: os.path.exists(pidfile), timeout=60, what="the job's process tree")
+    pids = [int(p) for p in Path(pidfile).read_text().split()]
+    assert len(pids) >= 5  # main, 2 DataLoader workers, sh, its sleep children
+    job.cancel()
+    wait_state(job, "cancelled")
+
+    def all_gone():
+        alive = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        return not alive
+
+    wait_until(all_gone, timeout=30, what="every process of the job to exit")
+    with pytest.raises(JobStoppedError) as info:
+        job.result(timeout=10)
+    assert info.value.state == "cancelled"
+
+
+def test_duration_limit_times_out_with_checkpoint_and_resumes(client):
+    job = client.run_async(
+        jobfuncs.resumable_train,
+        kwargs={"epochs": 1, "steps": 2000, "step_seconds": 0.01},
+        duration=4,
+    )
+    wait_state(job, "timed_out", timeout=90)
+    assert len(job.get_checkpoints()) >= 1
+    info = job.info()
+    assert "duration" in info["message"]
+    job.resume(duration="1h")
+    wait_state(job, "running")
+    job.cancel()
+    wait_state(job, "cancelled")
+
+
+def test_job_ignoring_pause_and_sigterm_is_killed_and_says_so(client, tmp_path):
+    pidfile = str(tmp_path / "pid")
+    job = client.run_async(jobfuncs.ignore_everything, args=[pidfile], gpu_memory=0.2)
+    wait_until(lambda: os.path.exists(pidfile), what="the job to start")
+    job.pause()
+    wait_state(job, "paused", timeout=60)
+    info = job.info()
+    assert info["escalation"] == "sigkill"
+    assert info["runs"][-1]["stop"] == "sigkill"
+    assert "sigkill" in info["message"]
+    pid = int(Path(pidfile).read_text())
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_sigterm_escalation_saves_through_save_on_interrupt(client, tmp_path):
+    ready = str(tmp_path / "ready")
+    job = client.run_async(jobfuncs.guarded_train, args=[ready], gpu_memory=0.2)
+    wait_until(lambda: os.path.exists(ready), what="the job to start")
+    job.pause()
+    result = job.result(timeout=60)
+    assert job.status() == "paused"
+    assert job.info()["escalation"] == "sigterm"
+    assert result["status"] == "interrupted" and result["signal"] == "SIGTERM"
+    assert [c["name"] for c in job.get_checkpoints()] == [os.path.basename(result["checkpoint"])]
+
+
+def test_shares_over_one_device_queue(client):
+    first = client.run_async(jobfuncs.sleep_then, args=[3, "first"], gpu_memory=0.6)
+    second = client.run_async(jobfuncs.sleep_then, args=[0, "second"], gpu_memory=0.6)
+    wait_state(first, "running")
+    assert second.status() == "queued"
+    assert first.result(timeout=60) == "first"
+    assert second.result(timeout=60) == "second"
+    assert second.info()["started"] >= first.info()["ended"]
+
+
+def test_remote_exception_raises_with_traceback(client):
+    with pytest.raises(JobFailedError) as info:
+        client.run(jobfuncs.failing, args=[42], gpu_memory=0.1)
+    err = info.value
+    assert err.exc_type == "builtins.ValueError"
+    assert "bad value 42" in str(err)
+    assert "in inner" in err.remote_traceback
+    assert isinstance(err.exception, ValueError)
+
+
+def test_unpicklable_argument_fails_before_sending(client):
+    before = len(client.jobs())
+    lock = threading.Lock()
+    with pytest.raises(BadRequestError, match=r"argument 0 \(lock\)"):
+        client.run_async(jobfuncs.add, args=[lock])
+    with pytest.raises(BadRequestError, match="keyword argument 'b'"):
+        client.run_async(jobfuncs.add, args=[1], kwargs={"b": lock})
+    assert len(client.jobs()) == before
+
+
+def test_bad_parameters_raise_distinct_errors(client):
+    with pytest.raises(BadRequestError, match="gpu_memory"):
+        client.run_async(jobfuncs.add, args=[1], gpu_memory=1.5)
+    with pytest.raises(BadRequestError, match="duration"):
+        client.run_async(jobfuncs.add, args=[1], duration="soon")
+    with pytest.raises(JobNotFoundError):
+        client.get_job("nosuchjob")
+
+
+def test_client_needs_a_url(monkeypatch):
+    monkeypatch.delenv("CUMULUS_SERVER_URL", raising=False)
+    with pytest.raises(CumulusError, match="no cumulus server"):
+        CumulusClient()
+
+
+def test_wrong_token_is_refused(server):
+    with pytest.raises(CumulusError) as info:
+        CumulusClient(server.url, token="wrong").jobs()
+    assert info.value.status == 403
+
+
+def test_jobs_survive_a_server_restart(tmp_path):
+    srv = ServerProcess(tmp_path).start()
+    try:
+        client = srv.client()
+        job = client.run_async(
+            jobfuncs.resumable_train, kwargs={"epochs": 1, "steps": 300, "step_seconds": 0.02}
+        )
+        wait_until(lambda: len(job.metrics()) >= 3, what="training steps")
+        pid = job.info()["process"]["pid"]
+        srv.stop()
+        assert psutil.pid_exists(pid)  # the job did not die with the server
+        srv.start()
+        job = srv.client().get_job(job.id)
+        assert job.status() == "running"
+        job.pause()  # a re-adopted job can still be controlled
+        assert job.result(timeout=60)["status"] == "paused"
+        job.resume()
+        assert job.result(timeout=120)["status"] == "completed"
+    finally:
+        srv.stop()
+
+
+def test_headless_jupyter_cumulus_runs_the_seed(tmp_path):
+    srv = ServerProcess(tmp_path, command="cumulus").start()
+    try:
+        assert srv.client().run(jobfuncs.add, args=[40], kwargs={"b": 2}) == 42
+    finally:
+        srv.stop()
+
+
+def test_kernel_started_by_the_server_needs_no_arguments(server):
+    """A kernel launched by the server finds it: CumulusClient() with no arguments."""
+    from jupyter_client import BlockingKernelClient
+
+    client = server.client()
+    _, _, raw = client._request("POST", "../../api/kernels", {"name": "python3"})
+    import json
+
+    kernel_id = json.loads(raw)["id"]
+    conn = server.base / "runtime" / f"kernel-{kernel_id}.json"
+    wait_until(conn.exists, what="the kernel's connection file")
+    kc = BlockingKernelClient(connection_file=str(conn))
+    kc.load_connection_file()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        code = (
+            "from cumulus_jupyter import CumulusClient\n"
+            "print('answer', CumulusClient().run(lambda: 6 * 7, gpu_memory=0.1))"
+        )
+        outputs = []
+        reply = kc.execute_interactive(
+            code, timeout=120, output_hook=lambda m: outputs.append(m["content"].get("text", ""))
+        )
+        assert reply["content"]["status"] == "ok", reply["content"]
+        assert "answer 42" in "".join(outputs)
+    finally:
+        kc.stop_channels()
+        client._request("DELETE", f"../../api/kernels/{kernel_id}")
+
+
+def test_forget_removes_a_finished_job(client):
+    job = client.run_async(jobfuncs.add, args=[1], gpu_memory=0.1)
+    assert job.result(timeout=60) == 1
+    client.forget_job(job.id)
+    with pytest.raises(JobNotFoundError):
+        job.status()
+
+
+def test_seed_timing_is_reported(client):
+    """Elapsed time is measured on the server and grows while a job runs."""
+    job = client.run_async(jobfuncs.sleep_then, args=[2, None], gpu_memory=0.1)
+    wait_state(job, "running")
+    first = job.info()["elapsed"]
+    wait_until(lambda: job.info()["elapsed"] > first, what="elapsed to grow")
+    job.wait(timeout=60)
+    assert job.info()["elapsed"] >= 2 - 0.5

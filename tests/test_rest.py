@@ -1,0 +1,198 @@
+"""REST API against an in-process Jupyter server (pytest-jupyter), auth enforced."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+
+import cloudpickle
+import pytest
+from servers import wait_until
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+@pytest.fixture(autouse=True)
+def started(jp_serverapp, jp_asyncio_loop):
+    """pytest-jupyter does not run the server's post-start hook; a real server does."""
+    jp_asyncio_loop.run_until_complete(jp_serverapp.extension_manager.start_all_extensions())
+
+
+def payload(func=sum, args=([1, 2],), kwargs=None) -> str:
+    return base64.b64encode(cloudpickle.dumps((func, args, kwargs or {}))).decode()
+
+
+def submit_body(**overrides):
+    body = {"payload": payload(), "python_version": VERSION, "gpu_memory": 0.5}
+    body.update(overrides)
+    return json.dumps(body)
+
+
+async def error_of(jp_fetch, *parts, **kw):
+    with pytest.raises(HTTPClientError) as info:
+        await jp_fetch("cumulus", "api", *parts, **kw)
+    body = json.loads(info.value.response.body)
+    return info.value.code, body
+
+
+def disk_snapshot(root):
+    out = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        out.update(os.path.join(dirpath, n) for n in dirnames + filenames)
+    return out
+
+
+async def test_submit_list_get_result(jp_fetch, jp_serverapp):
+    resp = await jp_fetch("cumulus", "api", "jobs", method="POST", body=submit_body(name="sum"))
+    assert resp.code == 201
+    job = json.loads(resp.body)
+    assert resp.headers["Location"].endswith(f"/cumulus/api/jobs/{job['id']}")
+    assert job["name"] == "sum" and job["gpu_memory"] == 0.5
+
+    listed = json.loads((await jp_fetch("cumulus", "api", "jobs")).body)
+    assert [j["id"] for j in listed["jobs"]] == [job["id"]]
+    assert listed["gpus"][0]["device"] == "cpu"
+
+    resp = await jp_fetch("cumulus", "api", "jobs", job["id"], "result", params={"wait": 60})
+    assert resp.code == 200
+    assert cloudpickle.loads(resp.body) == {"ok": True, "value": 3}
+    one = json.loads((await jp_fetch("cumulus", "api", "jobs", job["id"])).body)
+    assert one["state"] == "completed"
+
+    # The job directory is private to the user.
+    root = jp_serverapp.config["CumulusApp"]["job_root"]
+    assert os.stat(os.path.join(root, job["id"])).st_mode & 0o777 == 0o700
+    assert os.stat(os.path.join(root, job["id"], "func.pkl")).st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "match"),
+    [
+        ("{not json", 400, "not valid JSON"),
+        ("[1, 2]", 400, "JSON object"),
+        (json.dumps({"python_version": VERSION}), 400, "payload is required"),
+        (submit_body(payload="!!!"), 400, "base64"),
+        (submit_body(payload=base64.b64encode(b"").decode() or "AA=="), 400, "pickle"),
+        (submit_body(payload=payload()[:-8]), 400, "pickle"),
+        (submit_body(gpu_memory=0), 400, "gpu_memory"),
+        (submit_body(gpu_memory=1.5), 400, "gpu_memory"),
+        (submit_body(gpu_memory="x"), 400, "gpu_memory"),
+        (submit_body(duration="soon"), 400, "duration"),
+        (submit_body(duration=-1), 400, "duration"),
+        (submit_body(python_version=None), 400, "python_version"),
+        (submit_body(python_version="2.7", python="/nonexistent/python"), 400, "Python 2.7"),
+        (submit_body(gpu_mem=0.5), 400, "unknown field"),
+    ],
+)
+async def test_submit_rejects_bad_input(jp_fetch, jp_serverapp, body, status, match):
+    code, err = await error_of(jp_fetch, "jobs", method="POST", body=body)
+    assert code == status
+    assert err["error"] == "bad_request"
+    assert match in err["message"]
+    listed = json.loads((await jp_fetch("cumulus", "api", "jobs")).body)
+    assert listed["jobs"] == []  # nothing was created
+
+
+async def test_oversize_payload_is_413(jp_fetch):
+    big = base64.b64encode(cloudpickle.dumps((sum, (list(range(40000)),), {}))).decode()
+    code, err = await error_of(jp_fetch, "jobs", method="POST", body=submit_body(payload=big))
+    assert code == 413 and err["error"] == "payload_too_large"
+
+
+async def test_unknown_job_is_404(jp_fetch):
+    for parts, method in [
+        (("jobs", "nosuchjob"), "GET"),
+        (("jobs", "nosuchjob", "pause"), "POST"),
+        (("jobs", "nosuchjob", "checkpoints"), "GET"),
+        (("jobs", "..%2F..%2Fetc"), "GET"),
+    ]:
+        kw = {"body": "{}"} if method == "POST" else {}
+        code, err = await error_of(jp_fetch, *parts, method=method, **kw)
+        assert code == 404 and err["error"] == "not_found", parts
+
+
+async def test_wrong_state_is_409(jp_fetch):
+    resp = await jp_fetch("cumulus", "api", "jobs", method="POST", body=submit_body())
+    job_id = json.loads(resp.body)["id"]
+    await jp_fetch("cumulus", "api", "jobs", job_id, "result", params={"wait": 60})
+    for action in ("pause", "resume", "cancel"):
+        code, err = await error_of(jp_fetch, "jobs", job_id, action, method="POST", body="{}")
+        assert code == 409 and err["error"] == "invalid_state", action
+    code, err = await error_of(jp_fetch, "jobs", job_id, "checkpoints", "nope.pt", method="DELETE")
+    assert code == 404
+
+
+async def test_server_never_unpickles_the_payload(jp_fetch, tmp_path):
+    """The payload's unpickling writes the pid of whoever unpickles it: only the job does."""
+    marker = tmp_path / "unpickled-by"
+
+    class Tripwire:
+        def __reduce__(self):
+            return (exec, (f"import os; open({str(marker)!r}, 'w').write(str(os.getpid()))",))
+
+    body = submit_body(payload=payload(print, (Tripwire(),)))
+    resp = await jp_fetch("cumulus", "api", "jobs", method="POST", body=body)
+    job_id = json.loads(resp.body)["id"]
+    await jp_fetch("cumulus", "api", "jobs", job_id, "result", params={"wait": 60})
+    wait_until(marker.exists, what="the job to unpickle its payload")
+    assert int(marker.read_text()) != os.getpid()  # this process hosts the server
+
+
+ROUTES = [
+    ("GET", "jobs"),
+    ("POST", "jobs"),
+    ("GET", "gpus"),
+    ("GET", "jobs/JOB"),
+    ("DELETE", "jobs/JOB"),
+    ("POST", "jobs/JOB/pause"),
+    ("POST", "jobs/JOB/resume"),
+    ("POST", "jobs/JOB/cancel"),
+    ("GET", "jobs/JOB/result"),
+    ("GET", "jobs/JOB/logs"),
+    ("GET", "jobs/JOB/metrics"),
+    ("GET", "jobs/JOB/checkpoints"),
+    ("DELETE", "jobs/JOB/checkpoints/ckpt.pt"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES)
+@pytest.mark.parametrize("credentials", ["none", "wrong-token", "cookie-without-xsrf"])
+async def test_every_route_refuses_without_credentials(
+    jp_fetch, jp_serverapp, jp_base_url, method, path, credentials
+):
+    resp = await jp_fetch("cumulus", "api", "jobs", method="POST", body=submit_body())
+    job_id = json.loads(resp.body)["id"]
+    await jp_fetch("cumulus", "api", "jobs", job_id, "result", params={"wait": 60})
+    root = jp_serverapp.config["CumulusApp"]["job_root"]
+    before = disk_snapshot(root)
+
+    url = f"http://127.0.0.1:{jp_serverapp.port}{jp_base_url}cumulus/api/" + path.replace(
+        "JOB", job_id
+    )
+    headers = {}
+    if credentials == "wrong-token":
+        headers["Authorization"] = "token not-the-token"
+    elif credentials == "cookie-without-xsrf":
+        # A browser's session cookie, but no XSRF token: a cross-site request.
+        login = await AsyncHTTPClient().fetch(
+            f"http://127.0.0.1:{jp_serverapp.port}{jp_base_url}login?token="
+            f"{jp_serverapp.identity_provider.token}",
+            follow_redirects=False,
+            raise_error=False,
+        )
+        cookies = [c.split(";")[0] for c in login.headers.get_list("Set-Cookie")]
+        headers["Cookie"] = "; ".join(cookies)
+    body = submit_body() if method == "POST" else None
+    resp = await AsyncHTTPClient().fetch(
+        url, method=method, body=body, headers=headers, raise_error=False
+    )
+    if credentials == "cookie-without-xsrf" and method == "GET":
+        # The cookie is a real session (reads work), so the 403s below are XSRF's doing.
+        assert resp.code == 200, (resp.code, resp.body)
+        return
+    assert resp.code == 403, (resp.code, resp.body)
+    assert json.loads(resp.body)["error"] == "forbidden"
+    assert disk_snapshot(root) == before
