@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Float, Integer, List, Type, Unicode, default
+from traitlets import Float, Integer, List, TraitError, Type, Unicode, default, validate
 
 from ._version import __version__
 from .backend import Backend, LocalBackend
@@ -67,10 +68,35 @@ class CumulusApp(ExtensionApp):
         default_value=None,
         allow_none=True,
         config=True,
-        help="GPU devices jobs may use, as CUDA indices (e.g. ['0', '1']). "
-        "Default: CUDA_VISIBLE_DEVICES, else what nvidia-smi lists. An empty list runs "
-        "every job on the CPU, as one shared device.",
+        help="GPU devices jobs may use, as CUDA indices or GPU UUIDs (e.g. ['0', '1']; "
+        "on the command line --CumulusApp.gpus=0,1). Default: CUDA_VISIBLE_DEVICES, else "
+        "what nvidia-smi lists. An empty list ([]) runs every job on the CPU, as one "
+        "shared device.",
     )
+
+    @validate("gpus")
+    def _validate_gpus(self, proposal: Any) -> list[str] | None:
+        value = proposal["value"]
+        if value is None:
+            return None
+        # The command line gives one string: accept "0,1" and '["0", "1"]' too.
+        devices: list[str] = []
+        for item in value:
+            text = str(item).strip()
+            if text.startswith("["):
+                try:
+                    parts = [str(x) for x in json.loads(text)]
+                except ValueError:
+                    raise TraitError(f"CumulusApp.gpus: {text!r} is not a JSON list") from None
+            else:
+                parts = text.split(",")
+            devices += [p.strip() for p in parts if p.strip()]
+        for device in devices:
+            if not device.replace("-", "").isalnum():
+                raise TraitError(
+                    f"CumulusApp.gpus: {device!r} is not a CUDA device index or GPU UUID"
+                )
+        return devices
 
     manager: JobManager | None = None
 

@@ -285,16 +285,18 @@ class Job:
             left = _LONG_POLL if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"job {self.id} still {self._record.get('state')}")
-            status, _, raw = self.client._request(
-                "GET",
-                f"jobs/{_quote(self.id)}/result",
-                params={"wait": min(left, _LONG_POLL)},
-                timeout=min(left, _LONG_POLL) + self.client.timeout,
-            )
+            try:
+                status, _, raw = self.client._request(
+                    "GET",
+                    f"jobs/{_quote(self.id)}/result",
+                    params={"wait": min(left, _LONG_POLL)},
+                    timeout=min(left, _LONG_POLL) + self.client.timeout,
+                )
+            except JobStoppedError:  # stopped without a result: still stopped
+                return self.info()["state"]
             if status != 202:
                 return self.info()["state"]
             self._record = json.loads(raw)
-        # unreachable
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait until the job stops running and return what its last run returned.

@@ -198,9 +198,8 @@ class ResultHandler(CumulusHandler):
                     f"{job.get('message') or ''}".replace("%", "%%"),
                     reason="no_result",
                 )
-        self.set_header("Content-Type", "application/octet-stream")
         self.set_header("X-Cumulus-State", job["state"])
-        self.finish(data)
+        self.finish(data, set_content_type="application/octet-stream")
 
 
 class LogsHandler(CumulusHandler):

@@ -275,6 +275,7 @@ class JobManager:
             pause_reason=None,
             cancel_requested=None,
             escalation=None,
+            escalated_at=None,
             message="waiting for a GPU share",
         )
         self._save(job_id)
@@ -292,7 +293,12 @@ class JobManager:
             raise InvalidStateError(f"job {job_id} is {state.value}; it cannot be cancelled")
         if not job.get("cancel_requested"):
             self.store.write_control(job_id, cancel=True)
-            job.update(cancel_requested=time.time(), message="cancelling")
+            job.update(
+                cancel_requested=time.time(),
+                escalation="sigterm",
+                escalated_at=time.time(),
+                message="cancelling",
+            )
             handle = ProcessHandle.from_json(job.get("process"))
             if handle is not None:
                 self.backend.terminate(handle)
@@ -315,11 +321,8 @@ class JobManager:
         return CheckpointIndex(self.store.path(job_id) / "checkpoints")
 
     def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
-        index = self.checkpoint_index(job_id)
-        entries = index.entries()
-        for entry in entries:
-            entry.pop("path", None)  # server paths are nobody's business over HTTP
-        return entries
+        # Paths are included: the seed's third example hands one to a new job.
+        return self.checkpoint_index(job_id).entries()
 
     def delete_checkpoint(self, job_id: str, name: str) -> None:
         job = self.get(job_id)
@@ -401,15 +404,20 @@ class JobManager:
         self._save(job_id)
 
     def _admit(self) -> None:
-        """Start queued jobs, oldest first, on any device with room for their share."""
+        """Start queued jobs in order while the oldest one finds a device with room.
+
+        Strictly first in, first out: a job never overtakes an older one, so a
+        job asking for a whole GPU is not starved by a stream of small ones.
+        """
         queued = sorted(
             (j for j in self.jobs.values() if j["state"] == JobState.QUEUED.value),
             key=lambda j: (j.get("queued_at") or j.get("created") or 0, j["id"]),
         )
         for job in queued:
             device = self.ledger.place(job["gpu_memory"])
-            if device is not None:
-                self._start_run(job["id"], device)
+            if device is None:
+                break
+            self._start_run(job["id"], device)
 
     def _job_env(self, job: dict[str, Any], device: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
@@ -483,6 +491,10 @@ class JobManager:
             ),
         }
         message = messages[new]
+        if new is JobState.LOST:
+            last = self._last_log_line(job_id)
+            if last:
+                message += f". Last output: {last}"
         if job.get("escalation") and new in (JobState.PAUSED, JobState.TIMED_OUT):
             message += f" (did not stop in time: {job['escalation']} sent)"
         self.ledger.release(job_id)
@@ -493,11 +505,23 @@ class JobManager:
                 ended=job["ended"],
                 state=new.value,
                 exit_code=exit_code,
-                stop=job.get("escalation") or ("cooperative" if pausing else None),
+                stop=job.get("escalation")
+                or ("cooperative" if new in (JobState.PAUSED, JobState.TIMED_OUT) else None),
             )
         if not can_transition(JobState(job["state"]), new):
             new = JobState.LOST  # never leave a job stuck in an active state
         self._set_state(job_id, new, message)
+
+    def _last_log_line(self, job_id: str) -> str:
+        """The job's last line of output: often the reason it died."""
+        try:
+            with open(self.store.path(job_id) / "output.log", "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+                data = f.read()
+        except OSError:
+            return ""
+        lines = [ln for ln in data.decode("utf-8", "replace").splitlines() if ln.strip()]
+        return lines[-1].strip()[:300] if lines else ""
 
     def _escalate(self, job_id: str, now: float) -> None:
         job = self.jobs[job_id]
@@ -505,7 +529,8 @@ class JobManager:
         if handle is None:
             return
         if job.get("cancel_requested"):
-            if now - job["cancel_requested"] >= self.kill_grace and job["escalation"] != "sigkill":
+            overdue = now - job["cancel_requested"] >= self.kill_grace
+            if overdue and job["escalation"] != "sigkill":
                 self.backend.kill(handle)
                 job["escalation"] = "sigkill"
                 self._save(job_id)

@@ -45,7 +45,7 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
             JobState.FAILED,
             JobState.CANCELLED,
             JobState.LOST,
-            JobState.PAUSED,  # the function returned on its own while a pause was racing
+            JobState.PAUSED,  # stopped by a SIGTERM from outside the server: resumable
         }
     ),
     JobState.PAUSING: frozenset(

@@ -60,7 +60,7 @@ class JobStore:
         return d
 
     def job_ids(self) -> list[str]:
-        """Ids of every job directory, oldest first by creation order of the record."""
+        """Ids of every job directory (in no particular order)."""
         ids = []
         for entry in self.root.iterdir():
             if valid_job_id(entry.name) and entry.is_dir() and not entry.is_symlink():

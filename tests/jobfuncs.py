@@ -175,3 +175,37 @@ def sleep_then(seconds, value):
 
     time.sleep(seconds)
     return value
+
+
+def resume_training(checkpoint_path):
+    """The seed's "Resuming from Checkpoint": a new job continues from a given file."""
+    import torch.nn as nn
+    import torch.optim as optim
+
+    model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+    optimizer = optim.Adam(model.parameters(), lr=0.001)
+    # Load checkpoint and resume training
+    ckpt = Checkpointer(checkpoint_path)
+    start_epoch, start_step = None, None
+    if ckpt.exists():
+        state = ckpt.load(model, optimizer)
+        start_epoch = state["epoch"]
+        start_step = state["step"]
+    return {"start_epoch": start_epoch, "start_step": start_step, "source": ckpt.path}
+
+
+def environment(*names):
+    """What the job process sees of its environment."""
+    import os
+
+    return {name: os.environ.get(name) for name in names}
+
+
+def hold_until(path):
+    """Run until ``path`` exists (the test's signal that it may finish)."""
+    import os
+    import time
+
+    while not os.path.exists(path):
+        time.sleep(0.02)
+    return "released"

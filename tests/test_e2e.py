@@ -110,6 +110,7 @@ def test_cancel_kills_the_whole_process_tree(client, tmp_path):
     with pytest.raises(JobStoppedError) as info:
         job.result(timeout=10)
     assert info.value.state == "cancelled"
+    assert job.wait(timeout=10) == "cancelled"  # waiting on a stopped job returns at once
 
 
 def test_duration_limit_times_out_with_checkpoint_and_resumes(client):
@@ -282,3 +283,143 @@ def test_seed_timing_is_reported(client):
     wait_until(lambda: job.info()["elapsed"] > first, what="elapsed to grow")
     job.wait(timeout=60)
     assert job.info()["elapsed"] >= 2 - 0.5
+
+
+def test_seed_resume_from_a_checkpoint_path_in_a_new_job(client):
+    first = client.run_async(jobfuncs.train_with_checkpoints, gpu_memory=0.5)
+    wait_state(first, "running")
+    first.pause()
+    paused = first.result(timeout=60)
+    assert paused["status"] == "paused"
+    checkpoint_path = paused["checkpoint"]
+    latest = first.get_checkpoints()[-1]
+    assert latest["path"] == checkpoint_path
+
+    result = client.run(
+        func=jobfuncs.resume_training, args=[checkpoint_path], gpu_memory=0.8, duration=300
+    )
+    assert (result["start_epoch"], result["start_step"]) == (latest["epoch"], latest["step"])
+    assert result["source"] == checkpoint_path
+
+
+def test_a_job_whose_process_dies_is_lost_and_resumable(client):
+    job = client.run_async(
+        jobfuncs.resumable_train,
+        kwargs={"epochs": 1, "steps": 300, "step_seconds": 0.02, "every_steps": 5},
+    )
+    wait_until(lambda: len(job.get_checkpoints()) >= 2, what="periodic checkpoints")
+    os.kill(job.info()["process"]["pid"], 9)  # e.g. the OOM killer
+    wait_state(job, "lost")
+    assert "without recording an outcome" in job.info()["message"]
+    saved = job.get_checkpoints()[-1]
+    job.resume()
+    result = job.result(timeout=120)
+    assert result["status"] == "completed"
+    assert result["start_step"] == saved["step"] + 1
+
+
+def test_logs_and_metrics_follow_the_job(client, tmp_path):
+    release = tmp_path / "release"
+    job = client.run_async(
+        jobfuncs.resumable_train, kwargs={"epochs": 1, "steps": 30, "step_seconds": 0.01}
+    )
+    first = client.get_logs(job.id, 0, wait=30)
+    assert first["data"].startswith("starting at epoch 0 step 0")
+    later = client.get_logs(job.id, first["next_offset"], wait=0)
+    assert later["offset"] == first["next_offset"]
+    assert job.result(timeout=60)["status"] == "completed"
+    metrics = job.metrics()
+    assert [m["step"] for m in metrics] == list(range(30))
+    assert all(m["total"] == 30 and isinstance(m["loss"], float) for m in metrics)
+
+    # A log wait on a job that prints nothing returns when the wait is up.
+    quiet = client.run_async(jobfuncs.hold_until, args=[str(release)], gpu_memory=0.1)
+    wait_state(quiet, "running")
+    part = client.get_logs(quiet.id, 0, wait=0.5)
+    assert part["data"] == "" and part["running"] is True
+    release.touch()
+    assert quiet.result(timeout=60) == "released"
+
+
+def test_checkpoint_delete_keeps_what_a_paused_job_needs(client):
+    job = client.run_async(
+        jobfuncs.resumable_train,
+        kwargs={"epochs": 1, "steps": 400, "step_seconds": 0.01, "every_steps": 10},
+    )
+    wait_until(lambda: len(job.get_checkpoints()) >= 2, what="two checkpoints")
+    job.pause()
+    job.wait(timeout=60)
+    names = [c["name"] for c in job.get_checkpoints()]
+    with pytest.raises(InvalidStateError, match="resumes from"):
+        job.client.delete_checkpoint(job.id, names[-1])
+    job.client.delete_checkpoint(job.id, names[0])
+    assert [c["name"] for c in job.get_checkpoints()] == names[1:]
+    with pytest.raises(JobNotFoundError):
+        job.client.delete_checkpoint(job.id, names[0])
+    job.resume()
+    with pytest.raises(InvalidStateError, match="cancel it"):
+        job.client.forget_job(job.id)  # a job with a process is never deleted
+    job.cancel()
+    wait_state(job, "cancelled")
+
+
+def test_python_version_mismatch_is_a_clear_failure(server):
+    """The submitter's interpreter is used when it is on this host; a version mismatch
+    between the pickle and that interpreter fails the job with a message, not a crash."""
+    import base64
+    import json
+    import sys
+    import urllib.request
+
+    import cloudpickle
+
+    body = {
+        "payload": base64.b64encode(cloudpickle.dumps((sum, ([1],), {}))).decode(),
+        "python": sys.executable,
+        "python_version": "3.99",
+        "gpu_memory": 0.1,
+    }
+    req = urllib.request.Request(
+        server.url + "cumulus/api/jobs",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"token {server.token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req) as resp:
+        job_id = json.loads(resp.read())["id"]
+    job = server.client().get_job(job_id)
+    with pytest.raises(JobFailedError, match=r"pickled by Python 3\.99"):
+        job.result(timeout=60)
+
+
+def test_gpu_shares_pin_jobs_to_devices(tmp_path):
+    """With two (configured) GPUs, 0.6 + 0.6 run side by side on different devices,
+    a third 0.6 waits; each job sees only its device and its share. On a host
+    without CUDA the memory cap degrades to nothing and the job still runs."""
+    srv = ServerProcess(tmp_path, gpus='["0", "1"]').start()
+    try:
+        client = srv.client()
+        release = tmp_path / "release"
+        holders = [
+            client.run_async(jobfuncs.hold_until, args=[str(release)], gpu_memory=0.6)
+            for _ in range(2)
+        ]
+        for job in holders:
+            wait_state(job, "running")
+        third = client.run_async(
+            jobfuncs.environment,
+            args=["CUDA_VISIBLE_DEVICES", "CUMULUS_GPU_FRACTION", "CUMULUS_JOB_ID"],
+            gpu_memory=0.6,
+        )
+        assert sorted(job.info()["device"] for job in holders) == ["0", "1"]
+        usage = {g["device"]: g for g in client.gpus()}
+        assert usage["0"]["used"] == 0.6 and usage["1"]["used"] == 0.6
+        assert third.status() == "queued"
+        release.touch()
+        env = third.result(timeout=60)
+        assert env["CUDA_VISIBLE_DEVICES"] in ("0", "1")
+        assert env["CUDA_VISIBLE_DEVICES"] == third.info()["device"]
+        assert float(env["CUMULUS_GPU_FRACTION"]) == 0.6
+        assert env["CUMULUS_JOB_ID"] == third.id
+        assert third.info()["started"] >= min(j.info()["ended"] for j in holders)
+    finally:
+        srv.stop()

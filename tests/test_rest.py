@@ -58,6 +58,8 @@ async def test_submit_list_get_result(jp_fetch, jp_serverapp):
 
     resp = await jp_fetch("cumulus", "api", "jobs", job["id"], "result", params={"wait": 60})
     assert resp.code == 200
+    assert resp.headers["Content-Type"] == "application/octet-stream"
+    assert resp.headers["X-Cumulus-State"] == "completed"
     assert cloudpickle.loads(resp.body) == {"ok": True, "value": 3}
     one = json.loads((await jp_fetch("cumulus", "api", "jobs", job["id"])).body)
     assert one["state"] == "completed"

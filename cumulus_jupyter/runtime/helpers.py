@@ -6,11 +6,13 @@ import contextlib
 import json
 import math
 import numbers
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ..fileio import FILE_MODE
 from ..jobcontext import JobInterrupted, job_dir
 from .checkpoint import Checkpointer
 
@@ -39,7 +41,8 @@ def report(**metrics: Any) -> None:
     """
     record = {key: _plain(value) for key, value in metrics.items()}
     record["time"] = time.time()
-    with open(job_dir() / "metrics.jsonl", "a", encoding="utf-8") as f:
+    fd = os.open(job_dir() / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
 
