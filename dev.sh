@@ -26,6 +26,7 @@ setup() {
 lint() {
   "$PY" -m ruff check cumulus_jupyter cumulus tests examples
   "$PY" -m ruff format --check cumulus_jupyter cumulus tests examples
+  "$PY" -m mypy
 }
 
 case "${1:-}" in

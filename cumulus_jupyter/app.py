@@ -112,7 +112,7 @@ class CumulusApp(ExtensionApp):
         devices = detect_gpus() if self.gpus is None else list(self.gpus)
         self.manager = JobManager(
             self.job_root,
-            backend=self.backend_class(),
+            backend=self.backend_class(),  # type: ignore[abstract]  # a concrete subclass
             devices=devices,
             pause_timeout=self.pause_timeout,
             kill_grace=self.kill_grace,

@@ -102,7 +102,7 @@ class JobsHandler(CumulusHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        self.reply({"jobs": self.manager.list(), "gpus": self.manager.gpu_usage()})
+        self.reply({"jobs": self.manager.list_jobs(), "gpus": self.manager.gpu_usage()})
 
     @web.authenticated
     @authorized("execute")

@@ -117,7 +117,7 @@ class JobManager:
             out["elapsed"] = None
         return out
 
-    def list(self) -> list[dict[str, Any]]:
+    def list_jobs(self) -> list[dict[str, Any]]:
         return sorted(
             (self.public(j) for j in self.jobs), key=lambda r: (r.get("created") or 0, r["id"])
         )

@@ -63,6 +63,7 @@ class ServerProcess:
             "--ServerApp.open_browser=False",
             f"--ServerApp.root_dir={self.base}",
             f"--IdentityProvider.token={self.token}",
+            "--ServerApp.allow_unauthenticated_access=False",
             f"--CumulusApp.job_root={self.job_root}",
         ]
         args += [f"--CumulusApp.{k}={v}" for k, v in self.cumulus_config.items()]

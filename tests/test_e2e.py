@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from pathlib import Path
 
@@ -211,15 +212,27 @@ def test_jobs_survive_a_server_restart(tmp_path):
     try:
         client = srv.client()
         job = client.run_async(
-            jobfuncs.resumable_train, kwargs={"epochs": 1, "steps": 300, "step_seconds": 0.02}
+            jobfuncs.resumable_train,
+            kwargs={"epochs": 1, "steps": 300, "step_seconds": 0.02},
+            gpu_memory=0.5,
         )
+        short = client.run_async(jobfuncs.sleep_then, args=[2, "done while away"], gpu_memory=0.1)
         wait_until(lambda: len(job.metrics()) >= 3, what="training steps")
+        wait_state(short, "running")
         pid = job.info()["process"]["pid"]
-        srv.stop()
+        srv.stop(signal.SIGKILL)  # a crash: nothing is shut down cleanly
         assert psutil.pid_exists(pid)  # the job did not die with the server
+        # The short job finishes while no server is there and records it itself.
+        state_file = srv.job_root / short.id / "state.json"
+        wait_until(lambda: '"completed"' in state_file.read_text(), what="the job to finish")
         srv.start()
-        job = srv.client().get_job(job.id)
+        client = srv.client()
+        short = client.get_job(short.id)
+        assert short.status() == "completed"
+        assert short.result(timeout=10) == "done while away"
+        job = client.get_job(job.id)
         assert job.status() == "running"
+        assert job.info()["process"]["pid"] == pid
         job.pause()  # a re-adopted job can still be controlled
         assert job.result(timeout=60)["status"] == "paused"
         job.resume()
@@ -423,3 +436,47 @@ def test_gpu_shares_pin_jobs_to_devices(tmp_path):
         assert third.info()["started"] >= min(j.info()["ended"] for j in holders)
     finally:
         srv.stop()
+
+
+def test_one_pause_or_resume_at_a_time(client):
+    """Concurrent pauses (then resumes) of one job: exactly one is accepted, the rest 409."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    job = client.run_async(
+        jobfuncs.resumable_train, kwargs={"epochs": 1, "steps": 1000, "step_seconds": 0.01}
+    )
+    wait_until(lambda: len(job.metrics()) >= 3, what="training steps")
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(lambda _: _try(lambda: client.pause_job(job.id)), range(8)))
+    assert sorted(outcomes) == ["409"] * 7 + ["ok"]
+    assert job.result(timeout=60)["status"] == "paused"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(lambda _: _try(lambda: client.resume_job(job.id)), range(8)))
+    assert sorted(outcomes) == ["409"] * 7 + ["ok"]
+    job.cancel()
+    wait_state(job, "cancelled")
+
+
+def _try(call):
+    try:
+        call()
+    except InvalidStateError:
+        return "409"
+    return "ok"
+
+
+def test_pip_install_enables_the_server_extension():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "jupyter"), "server", "extension", "list"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    text = out.stdout + out.stderr
+    assert "cumulus_jupyter" in text and "enabled" in text
+    assert "cumulus_jupyter 0" in text and "OK" in text.split("cumulus_jupyter 0", 1)[1][:40]

@@ -145,7 +145,9 @@ class Checkpointer:
             raise ValueError("every_steps must be a positive number of steps")
         if every_steps and step > 0 and step % every_steps == 0:
             return True
-        return bool(every_seconds) and time.monotonic() - self._last_save_time >= every_seconds
+        if every_seconds:
+            return time.monotonic() - self._last_save_time >= every_seconds
+        return False
 
     def save(
         self,
@@ -180,7 +182,7 @@ class Checkpointer:
         try:
             with os.fdopen(fd, "wb") as f:
                 writer = _HashingWriter(f)
-                torch.save(state, writer)
+                torch.save(state, writer)  # type: ignore[arg-type]  # a write-only file
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, FILE_MODE)
