@@ -63,3 +63,10 @@ def _jupyter_server_extension_points() -> list[dict[str, Any]]:
     from .app import CumulusApp
 
     return [{"module": "cumulus_jupyter", "app": CumulusApp}]
+
+
+def load_ipython_extension(ip: Any) -> None:
+    """``%load_ext cumulus_jupyter``: the ``%%cumulus`` and ``%cumulus`` magics."""
+    from .magics import load_ipython_extension as load
+
+    load(ip)

@@ -200,9 +200,10 @@ class CumulusClient:
         """Delete one checkpoint (refused for the one a paused job resumes from)."""
         self._request("DELETE", f"jobs/{_quote(job_id)}/checkpoints/{_quote(name)}")
 
-    def get_metrics(self, job_id: str) -> list[dict[str, Any]]:
-        """What the job recorded with ``report()``."""
-        return self._json("GET", f"jobs/{_quote(job_id)}/metrics")["metrics"]
+    def get_metrics(self, job_id: str, since: int = 0) -> list[dict[str, Any]]:
+        """What the job recorded with ``report()``, from record number ``since`` on."""
+        path = f"jobs/{_quote(job_id)}/metrics"
+        return self._json("GET", path, params={"since": since} if since else None)["metrics"]
 
     def get_logs(self, job_id: str, offset: int = 0, wait: float = 0.0) -> dict[str, Any]:
         """Log text from byte ``offset``: ``{'data', 'next_offset', 'running', ...}``."""
@@ -336,6 +337,22 @@ class Job:
                 remote_traceback=outcome.get("traceback", ""),
                 exception=outcome.get("exception"),
             )
+
+    def _ipython_display_(self) -> None:
+        """In a notebook a Job shows as its live widget; elsewhere as a text summary."""
+        from IPython.display import display
+
+        from .magics import _in_kernel
+
+        if _in_kernel():
+            from .widgets import JobWidget
+
+            display(JobWidget(self))
+        else:
+            print(self.summary())
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(self.summary())
 
     def summary(self) -> str:
         """A one-line text description from the server's current record."""

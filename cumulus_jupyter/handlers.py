@@ -249,7 +249,9 @@ class MetricsHandler(CumulusHandler):
     @authorized
     async def get(self, job_id: str) -> None:
         with self.errors():
-            self.reply({"metrics": self.manager.metrics(job_id)})
+            since = int(self.number_arg("since", 0, 0, 2**62))
+            records, next_index = self.manager.metrics(job_id, since)
+            self.reply({"metrics": records, "since": since, "next": next_index})
 
 
 class CheckpointsHandler(CumulusHandler):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 import os
 import time
@@ -341,18 +342,23 @@ class JobManager:
             raise InvalidStateError(f"job {job_id} is queued to resume from {name!r}")
         index.remove(name)
 
-    def metrics(self, job_id: str) -> list[dict[str, Any]]:
-        import json
-
+    def metrics(self, job_id: str, since: int = 0) -> tuple[list[dict[str, Any]], int]:
+        """Reported metrics from record number ``since`` on, and the number of the next."""
         path = self.store.path(self.get(job_id)["id"]) / "metrics.jsonl"
-        out = []
+        out: list[dict[str, Any]] = []
+        count = 0
         with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8") as f:
             for line in f:
+                if not line.endswith("\n"):
+                    break  # being written right now: next time
+                count += 1
+                if count <= since:
+                    continue
                 with contextlib.suppress(ValueError):
                     record = json.loads(line)
                     if isinstance(record, dict):
                         out.append(record)
-        return out
+        return out, count
 
     def result_bytes(self, job_id: str) -> bytes | None:
         path = self.store.path(self.get(job_id)["id"]) / "result.pkl"

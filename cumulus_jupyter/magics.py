@@ -1,0 +1,333 @@
+"""``%%cumulus`` and ``%cumulus``: run notebook cells as jobs and control them.
+
+Load with ``%load_ext cumulus_jupyter``.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+import time
+from typing import Any
+
+import cloudpickle
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import display
+
+from .cellrun import run_cell
+from .client import CumulusClient, Job
+from .errors import CumulusError
+from .logstream import LineAssembler, render
+from .spec import SpecError, parse_duration, parse_gpu_memory
+
+_SUBCOMMANDS = ("jobs", "attach", "pause", "resume", "cancel", "logs", "checkpoints")
+_UPDATE_EVERY = 0.1  # seconds between redraws of a progress line
+
+
+def names_read(tree: ast.AST) -> set[str]:
+    """Every name a cell reads (loads), in any scope of it."""
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+
+
+class LiveOutput:
+    """Writes a job's output into the cell: finished lines as text, the line
+    being redrawn (a progress bar) as one display that updates in place."""
+
+    def __init__(self) -> None:
+        self.lines = LineAssembler()
+        self._handle: Any = None
+        self._last_update = 0.0
+        self._shown = ""
+        self._in_kernel = _in_kernel()
+
+    def feed(self, text: str) -> None:
+        done, partial = self.lines.feed(text)
+        for line in done:
+            if self._handle is not None:  # the bar finished: its final state stays
+                self._draw(line, force=True)
+                self._handle = None
+            else:
+                sys.stdout.write(line + "\n")
+        if partial:
+            self._draw(partial)
+
+    def close(self) -> None:
+        if self.lines.partial:
+            self._draw(self.lines.partial, force=True)
+        sys.stdout.flush()
+
+    def _draw(self, text: str, force: bool = False) -> None:
+        if not self._in_kernel:  # a terminal redraws \r itself
+            sys.stdout.write("\r" + text)
+            sys.stdout.flush()
+            return
+        now = time.monotonic()
+        if self._handle is None:
+            sys.stdout.flush()  # keep the order of what came before
+            self._handle = display({"text/plain": text}, raw=True, display_id=True)
+            self._shown, self._last_update = text, now
+        elif text != self._shown and (force or now - self._last_update >= _UPDATE_EVERY):
+            self._handle.update({"text/plain": text}, raw=True)
+            self._shown, self._last_update = text, now
+
+
+def _in_kernel() -> bool:
+    ip = _ipython()
+    return ip is not None and getattr(ip, "kernel", None) is not None
+
+
+def _ipython() -> Any:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    return get_ipython()
+
+
+class JobTable:
+    """A table of jobs: HTML in a notebook, aligned text elsewhere."""
+
+    columns = ("id", "name", "state", "elapsed", "duration", "gpu_memory", "device")
+
+    def __init__(self, records: list[dict[str, Any]]):
+        self.records = records
+
+    def _cells(self, r: dict[str, Any]) -> list[str]:
+        from .spec import format_duration
+
+        elapsed = r.get("elapsed")
+        return [
+            str(r.get("id")),
+            str(r.get("name")),
+            str(r.get("state")),
+            format_duration(elapsed) if elapsed is not None else "-",
+            format_duration(r.get("duration")),
+            str(r.get("gpu_memory")),
+            str(r.get("device") or "-"),
+        ]
+
+    def __repr__(self) -> str:
+        if not self.records:
+            return "no jobs"
+        rows = [list(self.columns)] + [self._cells(r) for r in self.records]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(self.columns))]
+        return "\n".join(
+            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
+        )
+
+    def _repr_html_(self) -> str:
+        import html
+
+        from .widgets import STATE_COLORS
+
+        head = "".join(f"<th>{c}</th>" for c in self.columns)
+        body = []
+        for r in self.records:
+            cells = [html.escape(c) for c in self._cells(r)]
+            color = STATE_COLORS.get(str(r.get("state")), "#555")
+            cells[2] = f'<b style="color:{color}">{cells[2]}</b>'
+            body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        if not body:
+            return "<i>no jobs</i>"
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+@magics_class
+class CumulusMagics(Magics):
+    """Run a cell as a cumulus job (``%%cumulus``) and control jobs (``%cumulus``)."""
+
+    shell: Any
+
+    def __init__(self, shell: Any):
+        super().__init__(shell)
+        self._client: CumulusClient | None = None
+
+    @property
+    def client(self) -> CumulusClient:
+        if self._client is None:
+            try:
+                self._client = CumulusClient()
+            except CumulusError as e:
+                raise UsageError(str(e)) from None
+        return self._client
+
+    @magic_arguments()
+    @argument(
+        "--gpu-memory",
+        type=float,
+        default=1.0,
+        help="Share of one GPU's memory, 0 < F <= 1 (default 1).",
+    )
+    @argument("--duration", default=None, help="Time limit: seconds, or like 30m, 2h.")
+    @argument("--name", default=None, help="The job's name (default: the cell's number).")
+    @argument("--wait", action="store_true", help="Stream the output here and return the result.")
+    @argument("--out", default=None, help="Bind the Job to this variable.")
+    @line_cell_magic
+    def cumulus(self, line: str, cell: str | None = None) -> Any:
+        """Run this cell as a job on the Jupyter server's host, or control jobs.
+
+        Cell magic::
+
+            %%cumulus [--gpu-memory F] [--duration D] [--name N] [--wait] [--out VAR]
+
+        The cell runs in its own process with a share of a GPU, independent
+        of this kernel. Names it reads from the notebook (data, tensors,
+        functions and classes defined here) are shipped by value; the value of
+        its last expression is the job's result. Without --wait the cell
+        returns at once and shows the job's widget; with --wait the job's
+        output streams here and the result is the cell's value.
+
+        Line magic::
+
+            %cumulus jobs                     table of jobs
+            %cumulus attach ID                the job's widget, with its log so far
+            %cumulus pause ID                 checkpoint and stop at the next batch
+            %cumulus resume ID [CHECKPOINT]   continue, from the latest or a named checkpoint
+            %cumulus cancel ID                stop for good
+            %cumulus logs ID                  everything the job printed
+            %cumulus checkpoints ID           browse, resume from or delete checkpoints
+        """
+        if cell is None:
+            return self._line(line)
+        return self._cell(line, cell)
+
+    # -- %%cumulus ---------------------------------------------------------------
+
+    def _cell(self, line: str, cell: str) -> Any:
+        args = parse_argstring(self.cumulus, line)
+        try:
+            gpu_memory = parse_gpu_memory(args.gpu_memory)
+            duration = parse_duration(args.duration)
+        except SpecError as e:
+            raise UsageError(str(e)) from None
+        if args.out is not None and not args.out.isidentifier():
+            raise UsageError(f"--out needs a variable name, got {args.out!r}")
+        count = getattr(self.shell, "execution_count", 0)
+        filename = f"<cumulus cell {count}>"
+        source = self.shell.transform_cell(cell) if self.shell else cell
+        try:
+            tree = ast.parse(source, filename)
+        except SyntaxError as e:
+            # Line 1 of the cell is the %%cumulus line itself.
+            e.lineno = (e.lineno or 0) + 1
+            e.filename = "<cell>"
+            raise
+        namespace = self._capture(names_read(tree))
+        name = args.name or f"cell {count}"
+        try:
+            job = self.client.run_async(
+                run_cell,
+                args=[source, filename, namespace],
+                gpu_memory=gpu_memory,
+                duration=duration,
+                name=name,
+            )
+        except CumulusError as e:
+            raise UsageError(str(e)) from None
+        if args.out:
+            self.shell.user_ns[args.out] = job
+        if not args.wait:
+            display(job)
+            return None
+        return self._follow(job)
+
+    def _capture(self, names: set[str]) -> dict[str, Any]:
+        user_ns = self.shell.user_ns
+        hidden = getattr(self.shell, "user_ns_hidden", {})
+        namespace = {}
+        for name in sorted(names):
+            if name in user_ns and name not in hidden and not name.startswith("__"):
+                namespace[name] = user_ns[name]
+        try:
+            cloudpickle.dumps(namespace)
+        except Exception:
+            for name, value in namespace.items():
+                try:
+                    cloudpickle.dumps(value)
+                except Exception as e:
+                    raise UsageError(
+                        f"the cell reads {name!r}, a {type(value).__name__}, which cannot be "
+                        f"sent to the job ({e}); create it inside the cell instead"
+                    ) from None
+            raise
+        return namespace
+
+    def _follow(self, job: Job) -> Any:
+        out = LiveOutput()
+        offset = 0
+        try:
+            while True:
+                part = self.client.get_logs(job.id, offset, wait=1.0)
+                if part["data"]:
+                    out.feed(part["data"])
+                offset = part["next_offset"]
+                if not part["running"] and offset >= part["size"]:
+                    break
+            out.close()
+            return job.result()
+        except KeyboardInterrupt:
+            out.close()
+            print(
+                f"\nStopped watching; job {job.id} goes on. "
+                f"`%cumulus attach {job.id}` shows it again."
+            )
+            return None
+
+    # -- %cumulus ----------------------------------------------------------------
+
+    def _line(self, line: str) -> Any:
+        words = line.split()
+        if not words or words[0] not in _SUBCOMMANDS:
+            raise UsageError(
+                f"%cumulus takes one of: {', '.join(_SUBCOMMANDS)} (see %cumulus?)"
+                + (f"; got {words[0]!r}" if words else "")
+            )
+        command, rest = words[0], words[1:]
+        if command == "jobs":
+            display(JobTable([j._record for j in self.client.jobs()]))
+            return None
+        if not rest:
+            raise UsageError(f"%cumulus {command} needs a job id (see %cumulus jobs)")
+        job_id = rest[0]
+        try:
+            return self._job_command(command, job_id, rest[1:])
+        except CumulusError as e:
+            raise UsageError(str(e)) from None
+
+    def _job_command(self, command: str, job_id: str, extra: list[str]) -> Any:
+        client = self.client
+        if command == "attach":
+            job = client.get_job(job_id)
+            if _in_kernel():
+                from .widgets import JobWidget
+
+                return JobWidget(job)
+            return job
+        if command == "pause":
+            print(f"job {job_id}: {client.pause_job(job_id)['state']}")
+        elif command == "resume":
+            checkpoint = extra[0] if extra else None
+            print(f"job {job_id}: {client.resume_job(job_id, checkpoint)['state']}")
+        elif command == "cancel":
+            print(f"job {job_id}: {client.cancel_job(job_id)['state']}")
+        elif command == "logs":
+            print(render(client.get_job(job_id).logs()), end="")
+        elif command == "checkpoints":
+            job = client.get_job(job_id)
+            if _in_kernel():
+                from .widgets import CheckpointBrowser
+
+                return CheckpointBrowser(job)
+            for c in job.get_checkpoints():
+                print(f"{c['name']:<32} epoch {c['epoch']:<4} step {c['step']:<7} {c['size']} B")
+        return None
+
+
+def load_ipython_extension(ip: Any) -> None:
+    """``%load_ext cumulus_jupyter``: register the magics; make ``runtime`` importable."""
+    from . import runtime
+
+    sys.modules.setdefault("runtime", runtime)
+    ip.register_magics(CumulusMagics)
