@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import sys
 import time
+import traceback
 from typing import Any
 
 import cloudpickle
@@ -210,10 +211,12 @@ class CumulusMagics(Magics):
         try:
             tree = ast.parse(source, filename)
         except SyntaxError as e:
-            # Line 1 of the cell is the %%cumulus line itself.
+            # Line 1 of the cell is the %%cumulus line itself. A UsageError
+            # shows just this, not the magic machinery's stack.
             e.lineno = (e.lineno or 0) + 1
             e.filename = "<cell>"
-            raise
+            detail = "".join(traceback.format_exception_only(e)).rstrip()
+            raise UsageError(f"nothing was submitted:\n{detail}") from None
         namespace = self._capture(names_read(tree))
         name = args.name or f"cell {count}"
         try:

@@ -285,6 +285,16 @@ class JobWidget(w.VBox, _Polled):
         POLLER.remove(self)
         super().close()
 
+    def __repr__(self) -> str:
+        # The text/plain form, for frontends without widgets.
+        r = self.record
+        elapsed = r.get("elapsed")
+        return (
+            f"Job {self.job.id} {r.get('name')!r}: {self.state}"
+            f" | elapsed {format_duration(elapsed) if elapsed is not None else '-'}"
+            f" of {format_duration(r.get('duration'))} | GPU share {r.get('gpu_memory')}"
+        )
+
 
 class CheckpointBrowser(w.VBox):
     """A job's checkpoints, newest first: select one, then resume from it or delete it."""
@@ -341,6 +351,10 @@ class CheckpointBrowser(w.VBox):
             + "</code>"
         )
         self._enable()
+
+    def __repr__(self) -> str:
+        rows = [label for label, _ in self.select.options] or ["(no checkpoints)"]
+        return f"Checkpoints of job {self.job.id} ({self.state}):\n" + "\n".join(rows)
 
     @property
     def selected(self) -> str | None:

@@ -1,0 +1,120 @@
+"""JobWidget and CheckpointBrowser driven like a user would: Button.click()."""
+
+from __future__ import annotations
+
+import io
+from contextlib import redirect_stdout
+
+import jobfuncs
+import pytest
+from servers import wait_until
+
+from cumulus_jupyter import widgets
+from cumulus_jupyter.widgets import POLLER, CheckpointBrowser, JobWidget
+
+
+def buttons(w):
+    return (
+        not w.pause_button.disabled,
+        not w.resume_button.disabled,
+        not w.cancel_button.disabled,
+    )
+
+
+@pytest.fixture
+def training(client):
+    job = client.run_async(
+        jobfuncs.resumable_train,
+        kwargs={"epochs": 1, "steps": 2000, "step_seconds": 0.01, "every_steps": 10},
+        gpu_memory=0.3,
+    )
+    yield job
+    if job.status() in ("queued", "running", "pausing", "paused"):
+        job.cancel()
+
+
+def test_buttons_control_the_job_and_follow_its_state(training):
+    w = JobWidget(training, poll_interval=0.2)
+    try:
+        wait_until(lambda: w.state == "running", what="the widget to see the job run")
+        assert buttons(w) == (True, False, True)  # pause, resume, cancel
+
+        w.pause_button.click()
+        assert training.status() in ("pausing", "paused")
+        wait_until(lambda: w.state == "paused", what="the widget to see the pause")
+        assert buttons(w) == (False, True, True)
+        assert "starting at epoch 0 step 0" in w.log_text
+        assert w.progress.value > 0
+        assert "<svg" in w.chart.value and "loss" in w.chart.value
+
+        w.resume_button.click()
+        assert training.status() in ("queued", "running")
+        wait_until(lambda: w.state == "running", what="the widget to see the resume")
+
+        w.cancel_button.click()
+        wait_until(lambda: training.status() == "cancelled", what="the cancel")
+        wait_until(lambda: w.state == "cancelled", what="the widget to see the cancel")
+        assert buttons(w) == (False, False, False)
+        # A finished job's widget stops polling; with no widget left the thread ends.
+        wait_until(lambda: w not in widgets._live_widgets(), what="the widget to stop polling")
+    finally:
+        w.close()
+
+
+def test_closing_widgets_leaves_no_thread_behind(training):
+    views = [JobWidget(training, poll_interval=0.2) for _ in range(3)]
+    assert POLLER.thread is not None and POLLER.thread.is_alive()
+    thread = POLLER.thread
+    for view in views:
+        view.close()
+    wait_until(lambda: not thread.is_alive(), what="the poller thread to exit")
+    assert widgets._live_widgets() == []
+
+
+def test_errors_from_the_server_are_shown_not_raised(training):
+    w = JobWidget(training, poll_interval=0.2)
+    try:
+        wait_until(lambda: w.state == "running", what="the job to run")
+        training.pause()
+        wait_until(lambda: training.status() == "paused", what="the pause")
+        w.pause_button.disabled = False  # a stale view clicked before its refresh
+        w.pause_button.click()
+        assert "only a running job can pause" in w.message.value
+    finally:
+        w.close()
+
+
+def test_checkpoint_browser_resumes_from_the_selected_checkpoint(training):
+    wait_until(lambda: len(training.get_checkpoints()) >= 3, what="three checkpoints")
+    training.pause()
+    training.wait(timeout=60)
+    browser = CheckpointBrowser(training)
+    names = [c["name"] for c in training.get_checkpoints()]
+    assert [value for _, value in browser.select.options] == names[::-1]  # newest first
+    assert "latest" in browser.select.options[0][0]
+    assert "loss=" in browser.select.options[0][0]  # the metrics reported by then
+
+    # The checkpoint a paused job needs cannot be deleted; an older one can.
+    browser.select.value = names[-1]
+    browser.delete_button.click()
+    assert "resumes from" in browser.message.value
+    browser.select.value = names[0]
+    browser.delete_button.click()
+    assert names[0] not in [v for _, v in browser.select.options]
+
+    chosen = names[1]
+    step = next(c["step"] for c in training.get_checkpoints() if c["name"] == chosen)
+    browser.select.value = chosen
+    assert not browser.resume_button.disabled
+    browser.resume_button.click()
+    assert browser.resume_button.disabled  # the job is no longer paused
+    wait_until(lambda: f"starting at epoch 0 step {step + 1}" in training.logs(), what="resume")
+
+
+def test_a_job_outside_a_kernel_prints_a_summary(client):
+    job = client.run_async(jobfuncs.add, args=[2], gpu_memory=0.1)
+    job.wait(timeout=60)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        job._ipython_display_()
+    assert out.getvalue().startswith(f"Job {job.id} 'add': completed")
