@@ -38,40 +38,41 @@ class LiveOutput:
 
     def __init__(self) -> None:
         self.lines = LineAssembler()
-        self._handle: Any = None
-        self._last_update = 0.0
-        self._shown = ""
         self._in_kernel = _in_kernel()
+        self._drawing = False  # a line being redrawn is on screen
+        self._handle: Any = None
+        self._shown = ""
+        self._last_update = 0.0
 
     def feed(self, text: str) -> None:
         done, partial = self.lines.feed(text)
         for line in done:
-            if self._handle is not None:  # the bar finished: its final state stays
-                self._draw(line, force=True)
-                self._handle = None
+            if self._drawing:  # the redrawn line is finished: its last state stays
+                self._draw(line, final=True)
             else:
                 sys.stdout.write(line + "\n")
         if partial:
             self._draw(partial)
 
     def close(self) -> None:
-        if self.lines.partial:
-            self._draw(self.lines.partial, force=True)
+        if self._drawing:
+            self._draw(self.lines.partial, final=True)
         sys.stdout.flush()
 
-    def _draw(self, text: str, force: bool = False) -> None:
-        if not self._in_kernel:  # a terminal redraws \r itself
-            sys.stdout.write("\r" + text)
+    def _draw(self, text: str, final: bool = False) -> None:
+        if not self._in_kernel:  # a terminal redraws the line itself
+            sys.stdout.write("\r" + text + ("\n" if final else ""))
             sys.stdout.flush()
-            return
-        now = time.monotonic()
-        if self._handle is None:
-            sys.stdout.flush()  # keep the order of what came before
-            self._handle = display({"text/plain": text}, raw=True, display_id=True)
-            self._shown, self._last_update = text, now
-        elif text != self._shown and (force or now - self._last_update >= _UPDATE_EVERY):
-            self._handle.update({"text/plain": text}, raw=True)
-            self._shown, self._last_update = text, now
+        else:
+            now = time.monotonic()
+            if not self._drawing:
+                sys.stdout.flush()  # what came before stays before
+                self._handle = display({"text/plain": text}, raw=True, display_id=True)
+                self._shown, self._last_update = text, now
+            elif text != self._shown and (final or now - self._last_update >= _UPDATE_EVERY):
+                self._handle.update({"text/plain": text}, raw=True)
+                self._shown, self._last_update = text, now
+        self._drawing = not final
 
 
 def _in_kernel() -> bool:
