@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from .fileio import make_private_dir, read_json
 
 JOB_DIR_ENV = "CUMULUS_JOB_DIR"
 JOB_ID_ENV = "CUMULUS_JOB_ID"
+#: verify_resume sets this: Checkpointer.loop asks for a pause at that global step.
+PAUSE_AT_ENV = "CUMULUS_PAUSE_AT_STEP"
 #: Signal the server sends to tell a job that control.json asks it to pause.
 PAUSE_SIGNAL = signal.SIGUSR1
 #: How often should_pause() looks at control.json when no signal arrived
@@ -113,3 +116,29 @@ def pause_observed() -> bool:
     finished on its own while a pause request was on its way.
     """
     return _pause_observed
+
+
+def pause_at_step() -> int | None:
+    """The global step at which ``Checkpointer.loop`` pauses the run by itself, if set."""
+    value = os.environ.get(PAUSE_AT_ENV)
+    return int(value) if value else None
+
+
+_saving: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def track_save(checkpointer: Any) -> None:
+    """Remember a Checkpointer with a save in flight, so the job's end can wait for it."""
+    _saving.add(checkpointer)
+
+
+def wait_for_saves() -> list[BaseException]:
+    """Wait until every asynchronous save is durable; return the errors of those that failed."""
+    errors = []
+    for checkpointer in list(_saving):
+        try:
+            checkpointer.wait()
+        except BaseException as e:  # reported by the worker as the job's failure
+            errors.append(e)
+    _saving.clear()
+    return errors

@@ -71,6 +71,7 @@ def run(job_dir: Path) -> int:
     # The pause signal's default action would kill the process, so its
     # handler goes in before anything slow (torch) is imported; state.json
     # saying "running" for this run tells the server it may signal now.
+    from . import jobcontext
     from .jobcontext import (
         PAUSE_SIGNAL,
         JobInterrupted,
@@ -85,6 +86,9 @@ def run(job_dir: Path) -> int:
         raise JobInterrupted(signum)
 
     signal.signal(signal.SIGTERM, on_term)
+    # Past a file-size limit, writes must fail with an error the Checkpointer
+    # reports, not kill the process.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
     os.chdir(job_dir)
     state: dict[str, Any] = {
@@ -141,6 +145,17 @@ def run(job_dir: Path) -> int:
     # Ignore further signals while recording the outcome: a second SIGTERM
     # must not leave result.pkl and state.json disagreeing.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A pause or an exit counts only once the last checkpoint is durable.
+    save_errors = jobcontext.wait_for_saves()
+    if save_errors and outcome["ok"]:
+        save_error = save_errors[-1]
+        outcome = {
+            "ok": False,
+            "exc_type": f"{type(save_error).__module__}.{type(save_error).__qualname__}",
+            "message": f"the last checkpoint could not be saved: {save_error}",
+            "traceback": "".join(traceback.format_exception(save_error)),
+        }
+        sys.stderr.write(outcome["traceback"])
     control = read_control()
     if not outcome["ok"]:
         final = "failed"

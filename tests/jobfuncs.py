@@ -209,3 +209,62 @@ def hold_until(path):
     while not os.path.exists(path):
         time.sleep(0.02)
     return "released"
+
+
+def exact_train(
+    epochs=2, num_workers=0, n=160, batch_size=8, step_seconds=0.0, every_steps=None, leak=False
+):
+    """Shuffle, dropout, workers and Python/NumPy/torch randomness in augmentation:
+    everything that makes an inexact resume show. Returns the final state."""
+    import random
+    import time
+
+    import numpy as np
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, Dataset
+
+    from cumulus_jupyter.runtime import report
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+
+    class Augmented(Dataset):
+        def __init__(self):
+            g = torch.Generator().manual_seed(1)
+            self.x = torch.randn(n, 6, generator=g)
+            self.y = torch.randn(n, 1, generator=g)
+
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            jitter = torch.randn(6) * 0.01 + np.random.normal() * 0.01 + random.random() * 0.01
+            return self.x[i] + jitter, self.y[i]
+
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loader = DataLoader(Augmented(), batch_size=batch_size, shuffle=True, num_workers=num_workers)
+    ckpt = Checkpointer()
+    if ckpt.exists():
+        ckpt.load(model, optimizer)
+    private = random.Random(0) if leak else None  # a generator no checkpoint knows about
+    for epoch, step, (x, y) in ckpt.loop(loader, epochs=epochs):
+        out = model(x)
+        if private is not None:
+            out = out * (1 + private.random() * 1e-3)
+        loss = (out - y).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        report(epoch=epoch, step=step, loss=loss.item())
+        if step_seconds:
+            time.sleep(step_seconds)
+        if should_pause():
+            ckpt.save(model, optimizer, epoch, step)
+            return {"status": "paused", "epoch": epoch, "step": step}
+        if every_steps and ckpt.time_to_checkpoint(step, every_steps=every_steps):
+            ckpt.save(model, optimizer, epoch, step)
+    return {"status": "completed", "model": model.state_dict(), "optimizer": optimizer.state_dict()}

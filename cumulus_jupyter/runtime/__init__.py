@@ -8,15 +8,18 @@ kernel first.
 from ..jobcontext import JobInterrupted, job_dir, job_id, should_pause
 from .checkpoint import Checkpointer, CheckpointError, list_checkpoints
 from .helpers import report, save_on_interrupt
+from .verify import ResumeReport, verify_resume
 
 __all__ = [
     "CheckpointError",
     "Checkpointer",
     "JobInterrupted",
+    "ResumeReport",
     "job_dir",
     "job_id",
     "list_checkpoints",
     "report",
     "save_on_interrupt",
     "should_pause",
+    "verify_resume",
 ]

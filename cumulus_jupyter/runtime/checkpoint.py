@@ -1,29 +1,29 @@
-"""``Checkpointer``: save and restore a training run, RNG states included."""
+"""``Checkpointer``: save and restore a training run exactly, RNG states included."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
+import itertools
 import os
-import pickle
-import tempfile
+import sys
+import threading
 import time
+import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from .. import jobcontext
 from ..checkpoints import CheckpointIndex
-from ..fileio import FILE_MODE, fsync_dir
 from ..jobcontext import job_dir, read_control
+from . import persist
+from .loop import ResumePoint, capture_epoch_start, restore_epoch_start
+from .persist import CheckpointError, read_checkpoint, snapshot, write_checkpoint
+from .retention import Retention
 from .rng import capture_rng_state, restore_rng_state
 
-_FORMAT = "cumulus-checkpoint"
+__all__ = ["CheckpointError", "Checkpointer", "checkpoint_dir", "list_checkpoints"]
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be saved or loaded; the message names the file."""
+_NOT_METRICS = {"step", "total", "time", "epoch"}
 
 
 def checkpoint_dir() -> Path:
@@ -34,31 +34,10 @@ def checkpoint_dir() -> Path:
 def list_checkpoints() -> list[dict[str, Any]]:
     """All committed checkpoints of the current job, oldest first.
 
-    Each entry has ``name``, ``path``, ``epoch``, ``step``, ``time``, ``size``
-    and ``sha256``.
+    Each entry has ``name``, ``path``, ``epoch``, ``step``, ``time``, ``size``,
+    ``sha256`` and the ``metrics`` last reported before it was saved.
     """
     return CheckpointIndex(checkpoint_dir()).entries()
-
-
-class _HashingWriter(io.RawIOBase):
-    """A write-only file that hashes what passes through, so saving reads nothing back."""
-
-    def __init__(self, f: Any):
-        self._f = f
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: Any) -> int:
-        mv = memoryview(b)
-        self.sha.update(mv)
-        self.size += mv.nbytes
-        return self._f.write(mv)
-
-    def flush(self) -> None:
-        self._f.flush()
 
 
 class Checkpointer:
@@ -68,22 +47,45 @@ class Checkpointer:
     are listed in its manifest, so the server, the widgets and
     :func:`list_checkpoints` see them. Each :meth:`save` writes a new file named
     after ``fname`` and the position (``checkpoint-e3-s120.pt``); :meth:`load`
-    reads the newest one, or the one a resume asked for.
+    reads the newest good one, or the one a resume asked for.
 
     ``fname`` may also be the path of an existing checkpoint file (for example
     one listed by another job): :meth:`load` then reads that file, while
-    :meth:`save` still writes into this job's own directory, so nothing that
-    was saved elsewhere is ever overwritten.
+    :meth:`save` still writes into this job's own directory, so nothing saved
+    elsewhere is ever overwritten.
 
-    Example::
+    Retention (all off by default): ``keep_last`` newest checkpoints,
+    every checkpoint whose step is a multiple of ``keep_every``, and the
+    ``keep_best`` best by ``best_metric`` (``best_mode`` ``'min'`` or ``'max'``,
+    from ``metrics=`` or the last :func:`report`). The newest checkpoint and
+    the one a resume asked for are never deleted.
 
-        ckpt = Checkpointer()
+    ``blocking=False`` makes saves asynchronous by default: training waits
+    only for a copy of the state in CPU memory.
+
+    Example, exact resume with :meth:`loop`::
+
+        ckpt = Checkpointer(keep_last=3)
         if ckpt.exists():
-            state = ckpt.load(model, optimizer)
-            start_epoch, start_step = state["epoch"], state["step"] + 1
+            ckpt.load(model, optimizer)
+        for epoch, step, (x, y) in ckpt.loop(loader, epochs=10):
+            ...
+            if should_pause():
+                ckpt.save(model, optimizer, epoch, step)
+                return {"status": "paused"}
     """
 
-    def __init__(self, fname: str | os.PathLike[str] = "checkpoint.pt"):
+    def __init__(
+        self,
+        fname: str | os.PathLike[str] = "checkpoint.pt",
+        *,
+        keep_last: int | None = None,
+        keep_every: int | None = None,
+        keep_best: int | None = None,
+        best_metric: str = "loss",
+        best_mode: str = "min",
+        blocking: bool = True,
+    ):
         fname = os.fspath(fname)
         candidate = Path(fname).expanduser()
         self._source: Path | None = None
@@ -92,9 +94,17 @@ class Checkpointer:
             self._source = candidate.resolve()
         self._stem = Path(fname).stem or "checkpoint"
         self._suffix = Path(fname).suffix or ".pt"
+        self.retention = Retention(keep_last, keep_every, keep_best, best_metric, best_mode)
+        self.blocking = blocking
         self.index = CheckpointIndex(checkpoint_dir())
         self._last_saved: Path | None = None
         self._last_save_time = time.monotonic()
+        self._pending: threading.Thread | None = None
+        self._pending_error: BaseException | None = None
+        self._resume: ResumePoint | None = None
+        self._epoch_start: dict[str, Any] | None = None
+        self._global_step = 0
+        persist.clean_stale_temporaries(self.index.dir)
 
     # -- where -----------------------------------------------------------------
 
@@ -103,18 +113,17 @@ class Checkpointer:
         """The file last saved, else the one :meth:`load` would read, else where saves go."""
         if self._last_saved is not None:
             return str(self._last_saved)
-        target = self._load_target()
+        target = self._explicit_target() or self._newest()
         if target is not None:
             return str(target)
         return str(self.index.dir / f"{self._stem}{self._suffix}")
 
-    def _load_target(self) -> Path | None:
-        if self._last_saved is not None:
-            return self._last_saved
+    def _explicit_target(self) -> Path | None:
+        """The checkpoint this run was told to load: a path, or the resume's choice."""
         if self._source is not None:
             return self._source
         wanted = read_control().get("resume_checkpoint")
-        if wanted:
+        if wanted and self._last_saved is None:
             entry = self.index.get(str(wanted))
             if entry is None:
                 raise CheckpointError(
@@ -122,12 +131,15 @@ class Checkpointer:
                     f"{self.index.dir}; list them with list_checkpoints()"
                 )
             return Path(entry["path"])
+        return None
+
+    def _newest(self) -> Path | None:
         latest = self.index.latest()
         return Path(latest["path"]) if latest else None
 
     def exists(self) -> bool:
         """Whether there is a checkpoint to load."""
-        target = self._load_target()
+        target = self._explicit_target() or self._newest()
         return target is not None and target.is_file()
 
     # -- save ------------------------------------------------------------------
@@ -156,15 +168,22 @@ class Checkpointer:
         epoch: int = 0,
         step: int = 0,
         extra: Any = None,
+        *,
+        metrics: dict[str, Any] | None = None,
+        blocking: bool | None = None,
     ) -> str:
         """Save a checkpoint and return its path.
 
-        The file is written to a temporary name, fsynced, renamed into place
-        and only then listed in the manifest: a crash at any moment leaves the
+        With ``blocking=False`` (or the Checkpointer's default) this returns
+        once the state is copied to CPU memory; the file is written beside
+        training (one save at a time: the next save, :meth:`wait`, and the
+        job's pause or exit wait for it). A crash at any moment leaves the
         previous checkpoints intact and no partial file listed.
         """
-        state = {
-            "format": _FORMAT,
+        self.wait()  # one save in flight at most, and surface its error now
+        blocking = self.blocking if blocking is None else blocking
+        state: dict[str, Any] = {
+            "format": persist.FORMAT,
             "version": 1,
             "model": _state_dict(model),
             "optimizer": _state_dict(optimizer),
@@ -174,42 +193,76 @@ class Checkpointer:
             "rng": capture_rng_state(),
             "time": time.time(),
         }
-        directory = self.index.dir
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self._epoch_start is not None:
+            state["loop"] = {"epoch_start": self._epoch_start, "global_step": self._global_step}
+        if metrics is None:
+            from .helpers import last_reported
+
+            metrics = last_reported()
+        entry_metrics = {k: v for k, v in (metrics or {}).items() if k not in _NOT_METRICS}
         name = f"{self._stem}-e{int(epoch)}-s{int(step)}{self._suffix}"
-        final = directory / name
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                writer = _HashingWriter(f)
-                torch.save(state, writer)  # type: ignore[arg-type]  # a write-only file
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, FILE_MODE)
-            os.replace(tmp, final)
-            fsync_dir(directory)
-        except BaseException as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            if isinstance(e, OSError):
-                raise CheckpointError(
-                    f"could not save checkpoint {final}: {e.strerror or e}; "
-                    "the previous checkpoints are unchanged"
-                ) from e
-            raise
-        self.index.add(
-            {
-                "name": name,
-                "epoch": int(epoch),
-                "step": int(step),
-                "time": state["time"],
-                "size": writer.size,
-                "sha256": writer.sha.hexdigest(),
-            }
-        )
+        final = self.index.dir / name
+        self.index.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._last_saved = final
         self._last_save_time = time.monotonic()
+        if blocking:
+            self._persist(state, final, entry_metrics)
+        else:
+            state = snapshot(state)
+            self._pending = threading.Thread(
+                target=self._persist_in_background,
+                args=(state, final, entry_metrics),
+                name=f"cumulus-save-{name}",
+                daemon=True,
+            )
+            jobcontext.track_save(self)
+            self._pending.start()
         return str(final)
+
+    def _persist(self, state: dict[str, Any], final: Path, metrics: dict[str, Any]) -> None:
+        size, sha = write_checkpoint(state, final)
+        entry = {
+            "name": final.name,
+            "epoch": state["epoch"],
+            "step": state["step"],
+            "time": state["time"],
+            "size": size,
+            "sha256": sha,
+            "metrics": metrics,
+        }
+        try:
+            self.index.add(entry)
+        except OSError as e:  # listed or not at all: never a file the manifest lacks
+            final.unlink(missing_ok=True)
+            raise CheckpointError(
+                f"could not record checkpoint {final} in the manifest: {e.strerror or e}; "
+                "the previous checkpoints are unchanged"
+            ) from e
+        self._apply_retention()
+
+    def _persist_in_background(
+        self, state: dict[str, Any], final: Path, metrics: dict[str, Any]
+    ) -> None:
+        try:
+            self._persist(state, final, metrics)
+        except BaseException as e:  # handed to the training thread by wait()
+            self._pending_error = e
+
+    def _apply_retention(self) -> None:
+        if not self.retention.active:
+            return
+        protected = {str(n) for n in [read_control().get("resume_checkpoint")] if n}
+        for name in self.retention.to_delete(self.index.entries(), protected):
+            self.index.remove(name)
+
+    def wait(self) -> None:
+        """Block until the last asynchronous save is durable; raise its error if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.join()
+        error, self._pending_error = self._pending_error, None
+        if error is not None:
+            raise error
 
     # -- load ------------------------------------------------------------------
 
@@ -220,26 +273,34 @@ class Checkpointer:
 
         Reads ``checkpoint`` (a name from :func:`list_checkpoints` or a path)
         when given, else the file this Checkpointer was made for, else the one
-        the resume asked for, else the newest. Returns ``{'epoch', 'step',
+        the resume asked for, else the newest good one (a corrupt newest file
+        is skipped, and said so on stderr). Returns ``{'epoch', 'step',
         'extra', 'path', 'name', 'time'}``; ``step`` is the step the checkpoint
-        was saved at, so training continues at ``step + 1``.
+        was saved at, so training continues at ``step + 1`` (:meth:`loop` does
+        that by itself).
         """
+        self.wait()
         if checkpoint is not None:
             entry = self.index.get(checkpoint)
             path = Path(entry["path"]) if entry else Path(checkpoint).expanduser()
+            state = self._read(path)
+        elif (explicit := self._explicit_target()) is not None:
+            path, state = explicit, self._read(explicit)
         else:
-            target = self._load_target()
-            if target is None:
-                raise CheckpointError(
-                    f"no checkpoint to load in {self.index.dir}; check exists() first"
-                )
-            path = target
-        state = _read_checkpoint(path, self.index)
+            path, state = self._read_newest_good()
         if model is not None and state.get("model") is not None:
             model.load_state_dict(state["model"])
         if optimizer is not None and state.get("optimizer") is not None:
             optimizer.load_state_dict(state["optimizer"])
         restore_rng_state(state.get("rng") or {})
+        loop = state.get("loop") or {}
+        self._resume = ResumePoint(
+            epoch=int(state.get("epoch", 0)),
+            step=int(state.get("step", 0)),
+            global_step=int(loop.get("global_step", 0)),
+            epoch_start=loop.get("epoch_start"),
+            rng=state.get("rng") or {},
+        )
         return {
             "epoch": state.get("epoch", 0),
             "step": state.get("step", 0),
@@ -248,6 +309,91 @@ class Checkpointer:
             "name": path.name,
             "time": state.get("time"),
         }
+
+    def _read(self, path: Path) -> dict[str, Any]:
+        entry = self.index.get(path.name) if path.parent == self.index.dir else None
+        return read_checkpoint(path, entry.get("sha256") if entry else None)
+
+    def _read_newest_good(self) -> tuple[Path, dict[str, Any]]:
+        entries = self.index.entries()
+        if not entries:
+            raise CheckpointError(
+                f"no checkpoint to load in {self.index.dir}; check exists() first"
+            )
+        failures = []
+        for entry in reversed(entries):
+            path = Path(entry["path"])
+            try:
+                state = read_checkpoint(path, entry.get("sha256"))
+            except CheckpointError as e:
+                failures.append(str(e))
+                continue
+            if failures:
+                print(
+                    f"cumulus: {'; '.join(failures)}. Loaded the newest good checkpoint "
+                    f"instead: {path.name}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return path, state
+        raise CheckpointError("no checkpoint could be loaded: " + "; ".join(failures))
+
+    # -- exact iteration ---------------------------------------------------------
+
+    def loop(self, loader: Iterable[Any], epochs: int) -> Iterator[tuple[int, int, Any]]:
+        """Iterate ``epochs`` epochs of ``loader``, yielding ``(epoch, step, batch)``.
+
+        ``step`` counts batches within the epoch. On a fresh run this is a
+        plain nested loop. After :meth:`load` it continues right after the
+        batch the checkpoint was saved at, with the interrupted epoch's shuffle
+        order and DataLoader worker seeds reproduced and every RNG as it was
+        at the save: no batch is skipped or repeated, and the continuation is
+        bitwise identical to a run that was never interrupted.
+        """
+        if getattr(loader, "persistent_workers", False):
+            warnings.warn(
+                "Checkpointer.loop cannot replay the RNG of persistent DataLoader workers: "
+                "set persistent_workers=False for an exact resume",
+                stacklevel=2,
+            )
+        resume, self._resume = self._resume, None
+        pause_at = jobcontext.pause_at_step()
+        epoch = 0
+        if resume is not None:
+            epoch = resume.epoch
+            self._global_step = resume.global_step
+            if resume.epoch_start is None:
+                warnings.warn(
+                    "the checkpoint was not saved inside Checkpointer.loop: the data order "
+                    "of the interrupted epoch cannot be replayed",
+                    stacklevel=2,
+                )
+        while epoch < epochs:
+            if resume is not None and resume.epoch_start is not None:
+                # Same generator states as at the epoch's start: same order, same
+                # worker seeds. Then skip what was done and put every RNG back
+                # as it was when the checkpoint was saved.
+                restore_epoch_start(loader, resume.epoch_start)
+                self._epoch_start = resume.epoch_start
+                batches = iter(loader)
+                first = resume.step + 1
+                for _ in itertools.islice(batches, first):
+                    pass
+                restore_rng_state(resume.rng)
+            else:
+                self._epoch_start = capture_epoch_start(loader)
+                batches = iter(loader)
+                first = resume.step + 1 if resume is not None else 0
+                if resume is not None:  # no replay possible: skip by count
+                    batches = itertools.islice(batches, first, None)
+            resume = None
+            for step, batch in enumerate(batches, first):
+                self._global_step += 1
+                if pause_at is not None and self._global_step >= pause_at:
+                    jobcontext.request_pause()
+                yield epoch, step, batch
+            epoch += 1
+        self._epoch_start = None
 
 
 def _state_dict(obj: Any) -> Any:
@@ -259,27 +405,3 @@ def _state_dict(obj: Any) -> Any:
         f"cannot checkpoint a {type(obj).__name__}: pass a torch module or optimizer "
         "(anything with state_dict() and load_state_dict())"
     )
-
-
-def _read_checkpoint(path: Path, index: CheckpointIndex) -> dict[str, Any]:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
-    entry = index.get(path.name) if path.parent == index.dir else None
-    if entry and entry.get("sha256") and hashlib.sha256(raw).hexdigest() != entry["sha256"]:
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt: its content does not match the hash "
-            "recorded when it was saved"
-        )
-    try:
-        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # `extra` may hold objects weights_only refuses; this file is the
-        # job's own, written by Checkpointer.save, so a full load is allowed.
-        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} could not be read: {e}") from e
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise CheckpointError(f"{path} is not a cumulus checkpoint")
-    return state

@@ -33,6 +33,14 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"report() takes numbers and strings; got {type(value).__name__}")
 
 
+_last_reported: dict[str, Any] = {}
+
+
+def last_reported() -> dict[str, Any]:
+    """The metrics of the last :func:`report` call in this process."""
+    return dict(_last_reported)
+
+
 def report(**metrics: Any) -> None:
     """Record metrics (``report(step=10, total=500, loss=0.31)``) for the job's UI.
 
@@ -41,6 +49,8 @@ def report(**metrics: Any) -> None:
     """
     record = {key: _plain(value) for key, value in metrics.items()}
     record["time"] = time.time()
+    _last_reported.clear()
+    _last_reported.update(record)
     fd = os.open(job_dir() / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
     with os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
