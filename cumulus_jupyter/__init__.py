@@ -30,7 +30,9 @@ if TYPE_CHECKING:
         report,
         save_on_interrupt,
         should_pause,
+        verify_resume,
     )
+    from .widgets import CheckpointBrowser, JobWidget
 
 _LAZY = {
     "CumulusClient": "client",
@@ -47,6 +49,9 @@ _LAZY = {
     "job_dir": "runtime",
     "report": "runtime",
     "save_on_interrupt": "runtime",
+    "verify_resume": "runtime",
+    "JobWidget": "widgets",
+    "CheckpointBrowser": "widgets",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -65,6 +65,8 @@ class CumulusClient:
         self.url = url.rstrip("/") + "/"
         self.token = token if token is not None else os.environ.get(TOKEN_ENV, "")
         self.timeout = timeout
+        #: The Job of the last run() or run_async() call, to get back to it.
+        self.last_job: Job | None = None
         self._api = urllib.parse.urljoin(self.url, "cumulus/api/")
 
     def __repr__(self) -> str:
@@ -134,7 +136,8 @@ class CumulusClient:
             "python_version": python_version(),
         }
         record = self._json("POST", "jobs", body)
-        return Job(self, record)
+        self.last_job = Job(self, record)
+        return self.last_job
 
     def run(
         self,

@@ -260,6 +260,15 @@ class JobManager:
                     f"job {job_id} has no checkpoint {checkpoint!r}; list them with "
                     f"GET /cumulus/api/jobs/{job_id}/checkpoints"
                 )
+        elif job.get("resume_checkpoint"):
+            # A job resumed from an earlier checkpoint and stopped before saving
+            # a new one continues from that checkpoint again, not from the
+            # newer files of the run it branched away from.
+            chosen = self.checkpoint_index(job_id).get(job["resume_checkpoint"])
+            branched = job.get("resume_requested") or 0
+            newer = [e for e in self.checkpoint_index(job_id).entries() if e["time"] > branched]
+            if chosen is not None and not newer:
+                checkpoint = job["resume_checkpoint"]
         if duration is not None:
             try:
                 job["duration"] = parse_duration(duration)
@@ -272,6 +281,9 @@ class JobManager:
             state=JobState.QUEUED.value,
             queued_at=time.time(),
             resume_checkpoint=checkpoint,
+            resume_requested=job.get("resume_requested")
+            if checkpoint is not None and checkpoint == job.get("resume_checkpoint")
+            else time.time(),
             pause_requested=None,
             pause_reason=None,
             cancel_requested=None,

@@ -239,9 +239,9 @@ class JobWidget(w.VBox, _Polled):
             f"<b>{html.escape(str(r.get('name')))}</b> "
             f'<code style="color:#777">{html.escape(self.job.id)}</code> '
             f'<span style="background:{color};color:white;border-radius:3px;padding:1px 6px">'
-            f"{state}</span> &nbsp; ⏱ {elapsed_text} / {format_duration(r.get('duration'))}"
+            f"{state}</span> &nbsp; elapsed {elapsed_text} / {format_duration(r.get('duration'))}"
             f" &nbsp; GPU share {r.get('gpu_memory')}"
-            + (f" on {html.escape(str(r['device']))}" if r.get("device") else "")
+            + _device_text(r.get("device"))
             + (
                 f'<br><span style="color:#555">{html.escape(str(r["message"]))}</span>'
                 if r.get("message") and r.get("message") != state
@@ -338,6 +338,7 @@ class CheckpointBrowser(w.VBox):
                 (_checkpoint_row(c, _metrics_at(metrics, c), c["name"] == latest), c["name"])
             )
         keep = self.select.value
+        self.select.rows = min(8, max(2, len(options)))
         self.select.options = options
         names = [name for _, name in options]
         self.select.value = keep if keep in names else (names[0] if names else None)
@@ -363,7 +364,16 @@ class CheckpointBrowser(w.VBox):
     def _enable(self) -> None:
         none = self.selected is None
         self.resume_button.disabled = none or self.state not in LEGAL["resume"]
-        self.delete_button.disabled = none
+        # The server refuses to delete what a stopped job resumes from: say so
+        # by disabling the button rather than by an error after the click.
+        latest = self.checkpoints[-1]["name"] if self.checkpoints else None
+        needed = self.state in LEGAL["resume"] and self.selected == latest
+        self.delete_button.disabled = none or needed
+        self.delete_button.tooltip = (
+            "The job resumes from this checkpoint; resume or cancel the job first"
+            if needed
+            else "Delete this checkpoint"
+        )
 
     def _resume(self) -> None:
         name = self.selected
@@ -382,6 +392,14 @@ class CheckpointBrowser(w.VBox):
         except CumulusError as e:
             self.message.value = _error_html(e)
         self.refresh()
+
+
+def _device_text(device: Any) -> str:
+    if not device:
+        return ""
+    if device == "cpu":
+        return " (CPU-only host)"
+    return f" of GPU {html.escape(str(device))}"
 
 
 def _metrics_at(metrics: list[dict[str, Any]], checkpoint: dict[str, Any]) -> dict[str, Any]:

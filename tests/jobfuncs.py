@@ -268,3 +268,34 @@ def exact_train(
         if every_steps and ckpt.time_to_checkpoint(step, every_steps=every_steps):
             ckpt.save(model, optimizer, epoch, step)
     return {"status": "completed", "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+
+def save_forever(job_dir, started):
+    """Save checkpoints of a changing 8 MB model until killed (run by the SIGKILL test)."""
+    import os
+
+    os.environ["CUMULUS_JOB_DIR"] = job_dir
+    import torch
+
+    from cumulus_jupyter.runtime import Checkpointer
+
+    torch.set_num_threads(1)
+    model = torch.nn.Linear(1024, 2048)
+    ckpt = Checkpointer(keep_last=3)
+    step = 0
+    while True:
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ckpt.save(model, None, 0, step)
+        step += 1
+        started.set()
+
+
+def save_async_then_return(mb=64):
+    """Starts an asynchronous save of a big state and returns at once."""
+    import torch
+
+    model = torch.nn.Linear(1024, mb * 256)
+    ckpt = Checkpointer(blocking=False)
+    ckpt.save(model, None, 0, 1)
+    return ckpt.path

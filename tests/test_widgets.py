@@ -96,6 +96,8 @@ def test_checkpoint_browser_resumes_from_the_selected_checkpoint(training):
 
     # The checkpoint a paused job needs cannot be deleted; an older one can.
     browser.select.value = names[-1]
+    assert browser.delete_button.disabled
+    browser.delete_button.disabled = False  # a stale view: the server still refuses
     browser.delete_button.click()
     assert "resumes from" in browser.message.value
     browser.select.value = names[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import sys
 import threading
 import time
@@ -92,7 +93,9 @@ class Checkpointer:
         if candidate.is_absolute() or os.sep in fname:
             # A path names one specific checkpoint to load from.
             self._source = candidate.resolve()
-        self._stem = Path(fname).stem or "checkpoint"
+        # Saves are named after fname without a position: loading from
+        # "checkpoint-e4-s299.pt" must not name the next save "...-s299-e5-s300.pt".
+        self._stem = re.sub(r"-e\d+-s\d+$", "", Path(fname).stem) or "checkpoint"
         self._suffix = Path(fname).suffix or ".pt"
         self.retention = Retention(keep_last, keep_every, keep_best, best_metric, best_mode)
         self.blocking = blocking
@@ -252,7 +255,10 @@ class Checkpointer:
         if not self.retention.active:
             return
         protected = {str(n) for n in [read_control().get("resume_checkpoint")] if n}
-        for name in self.retention.to_delete(self.index.entries(), protected):
+        # Only this Checkpointer's own series: another fname has its own policy.
+        mine = re.compile(rf"{re.escape(self._stem)}-e\d+-s\d+{re.escape(self._suffix)}")
+        entries = [e for e in self.index.entries() if mine.fullmatch(e["name"])]
+        for name in self.retention.to_delete(entries, protected):
             self.index.remove(name)
 
     def wait(self) -> None:

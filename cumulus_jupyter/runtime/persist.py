@@ -65,6 +65,9 @@ class _HashingWriter(io.RawIOBase):
         self._f = f
         self.sha = hashlib.sha256()
         self.size = 0
+        # torch's writer turns a failed write into an unrelated RuntimeError;
+        # keep the real cause (e.g. "File too large") to report it.
+        self.error: OSError | None = None
 
     def writable(self) -> bool:
         return True
@@ -73,7 +76,11 @@ class _HashingWriter(io.RawIOBase):
         mv = memoryview(b)
         self.sha.update(mv)
         self.size += mv.nbytes
-        self._f.write(mv)
+        try:
+            self._f.write(mv)
+        except OSError as e:
+            self.error = self.error or e
+            raise
         return mv.nbytes
 
     def flush(self) -> None:
@@ -102,6 +109,7 @@ def clean_stale_temporaries(directory: Path) -> list[Path]:
 def write_checkpoint(state: dict[str, Any], final: Path) -> tuple[int, str]:
     """Persist ``state`` at ``final`` atomically; return (size, sha256 hex)."""
     tmp = _tmp_path(final)
+    writer: _HashingWriter | None = None
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         with os.fdopen(fd, "wb", buffering=1 << 20) as f:
@@ -114,13 +122,15 @@ def write_checkpoint(state: dict[str, Any], final: Path) -> tuple[int, str]:
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(e, OSError):
-            reason = e.strerror or str(e)
+        cause = writer.error if writer is not None and writer.error is not None else e
+        if isinstance(cause, OSError):
+            reason = cause.strerror or str(cause)
             raise CheckpointError(
                 f"could not save checkpoint {final}: {reason} (is the disk full?); "
                 "the previous checkpoints are unchanged"
-            ) from e
+            ) from cause
         raise
+    assert writer is not None
     return writer.size, writer.sha.hexdigest()
 
 
