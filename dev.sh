@@ -24,8 +24,8 @@ setup() {
 }
 
 lint() {
-  "$PY" -m ruff check cumulus_jupyter cumulus tests examples
-  "$PY" -m ruff format --check cumulus_jupyter cumulus tests examples
+  "$PY" -m ruff check .
+  "$PY" -m ruff format --check .
   "$PY" -m mypy
 }
 
