@@ -196,7 +196,7 @@ class CumulusClient:
         self._request("DELETE", f"jobs/{_quote(job_id)}")
 
     def get_checkpoints(self, job_id: str) -> list[dict[str, Any]]:
-        """The job's checkpoints, oldest first: name, epoch, step, time, size, sha256."""
+        """The job's checkpoints, oldest first: name, epoch, step, time, size, hash."""
         return self._json("GET", f"jobs/{_quote(job_id)}/checkpoints")["checkpoints"]
 
     def delete_checkpoint(self, job_id: str, name: str) -> None:

@@ -176,7 +176,7 @@ class JobWidget(w.VBox, _Polled):
         """Fetch the job's record, new output and new metrics, and redraw."""
         with self._refresh_lock:
             client = self.job.client
-            self.record = self.job.info()
+            record = self.job.info()
             self._read_log(client)
             page = client._json(
                 "GET", f"jobs/{_quote(self.job.id)}/metrics", params={"since": self._metrics_next}
@@ -184,7 +184,7 @@ class JobWidget(w.VBox, _Polled):
             self._metrics_next = page["next"]
             for m in page["metrics"]:
                 self._add_metric(m)
-            self._draw()
+            self._draw(record)
 
     def poll(self) -> bool:
         try:
@@ -228,9 +228,8 @@ class JobWidget(w.VBox, _Polled):
 
     # -- drawing ---------------------------------------------------------------
 
-    def _draw(self) -> None:
-        r = self.record
-        state = self.state
+    def _draw(self, r: dict[str, Any]) -> None:
+        state = str(r.get("state"))
         color = STATE_COLORS.get(state, "#555")
         elapsed = r.get("elapsed")
         elapsed_text = format_duration(elapsed) if elapsed is not None else "-"
@@ -268,6 +267,8 @@ class JobWidget(w.VBox, _Polled):
             f'padding:4px;font-size:12px;display:flex;flex-direction:column-reverse">'
             f"<span>{text}</span></pre>"
         )
+        # Last: whoever reads .state sees a widget already drawn for it.
+        self.record = r
 
     def _act(self, action: str) -> None:
         try:

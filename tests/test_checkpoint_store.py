@@ -64,7 +64,7 @@ def test_sigkill_during_saves_never_loses_the_last_good_checkpoint(tmp_path):
         assert entries, "a kill lost every checkpoint"
         for entry in entries:  # everything listed is complete and verifies
             assert not entry["name"].endswith(".tmp")
-            read_checkpoint(Path(entry["path"]), entry["sha256"])
+            read_checkpoint(Path(entry["path"]), entry["hash"])
     assert killed_mid_save >= 3, "the kills never landed inside a save"
     # The next run cleans what the killed saves left behind, and loads.
     os.environ["CUMULUS_JOB_DIR"] = str(tmp_path)
@@ -136,7 +136,7 @@ def test_disk_full_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path):
     assert [e["name"] for e in CheckpointIndex(directory).entries()] == ["checkpoint-e0-s1.pt"]
     assert not list(directory.glob(".*.tmp"))
     entry = CheckpointIndex(directory).latest()
-    read_checkpoint(Path(entry["path"]), entry["sha256"])
+    read_checkpoint(Path(entry["path"]), entry["hash"])
 
 
 def test_checkpoints_load_with_weights_only(job_dir):

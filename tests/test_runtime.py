@@ -89,7 +89,7 @@ def test_checkpoints_are_listed_newest_last_and_load_picks_the_newest():
     names = [c["name"] for c in list_checkpoints()]
     assert names == ["checkpoint-e0-s10.pt", "checkpoint-e0-s20.pt"]
     entry = list_checkpoints()[-1]
-    assert entry["size"] == os.path.getsize(entry["path"]) and len(entry["sha256"]) == 64
+    assert entry["size"] == os.path.getsize(entry["path"]) and entry["hash"].startswith("xxh3_128:")
     assert Checkpointer().load(model, opt)["step"] == 20
     assert Checkpointer().load(model, opt, checkpoint="checkpoint-e0-s10.pt")["step"] == 10
 

@@ -26,7 +26,7 @@ from ..checkpoints import CheckpointIndex
 from ..fileio import atomic_write_bytes, atomic_write_json, read_json
 from ..jobcontext import JOB_DIR_ENV, JOB_ID_ENV, PAUSE_AT_ENV
 from ..spec import python_version
-from .persist import read_checkpoint
+from .persist import entry_hash, read_checkpoint
 
 
 @dataclass
@@ -107,7 +107,7 @@ class _Run:
         latest = CheckpointIndex(self.dir / "checkpoints").latest()
         if latest is None:
             raise RuntimeError("the function paused without saving a checkpoint")
-        return read_checkpoint(Path(latest["path"]), latest.get("sha256"))
+        return read_checkpoint(Path(latest["path"]), entry_hash(latest))
 
     def reported(self) -> list[dict[str, Any]]:
         path = self.dir / "metrics.jsonl"
