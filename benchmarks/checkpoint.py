@@ -73,21 +73,33 @@ def main() -> None:
     def train() -> None:
         train_step(model, optimizer, x)
 
-    plain = root / "plain.pt"
-    raw = root / "raw.bin"
+    # Every writer writes a new file and deletes its previous one, as a series
+    # of checkpoints does (and as Checkpointer(keep_last=1) does below): on
+    # some filesystems allocating fresh blocks costs more than rewriting a file.
+    series = iter(range(10**6))
+    previous: dict[str, Path] = {}
+
+    def next_file(kind: str) -> Path:
+        path = root / f"{kind}-{next(series)}.bin"
+        old = previous.get(kind)
+        if old is not None:
+            old.unlink()
+        previous[kind] = path
+        return path
 
     def plain_save() -> None:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, plain)
-        fd = os.open(plain, os.O_RDONLY)
+        path = next_file("plain")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+        fd = os.open(path, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
 
     plain_save()
-    size = plain.stat().st_size
-    payload = plain.read_bytes()  # the very same bytes, for the raw write
+    size = previous["plain"].stat().st_size
+    payload = previous["plain"].read_bytes()  # the very same bytes, for the raw write
 
     def raw_write() -> None:
-        with open(raw, "wb") as f:
+        with open(next_file("raw"), "wb") as f:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
