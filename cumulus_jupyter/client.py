@@ -8,6 +8,7 @@ library and cloudpickle are used on this side.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import sys
@@ -282,25 +283,34 @@ class Job:
                 return "".join(chunks)
             offset = part["next_offset"]
 
-    def wait(self, timeout: float | None = None) -> str:
-        """Block until the job stops running (paused, finished, ...); return its state."""
+    def _await_outcome(self, timeout: float | None) -> bytes:
+        """Long-poll until the job stops running; return its pickled outcome.
+
+        Raises TimeoutError, or JobStoppedError when the run left no outcome.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = _LONG_POLL if deadline is None else deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"job {self.id} still {self._record.get('state')}")
-            try:
-                status, _, raw = self.client._request(
-                    "GET",
-                    f"jobs/{_quote(self.id)}/result",
-                    params={"wait": min(left, _LONG_POLL)},
-                    timeout=min(left, _LONG_POLL) + self.client.timeout,
+                raise TimeoutError(
+                    f"job {self.id} is still {self._record.get('state')} after {timeout}s"
                 )
-            except JobStoppedError:  # stopped without a result: still stopped
-                return self.info()["state"]
+            status, _, raw = self.client._request(
+                "GET",
+                f"jobs/{_quote(self.id)}/result",
+                params={"wait": min(left, _LONG_POLL)},
+                timeout=min(left, _LONG_POLL) + self.client.timeout,
+            )
             if status != 202:
-                return self.info()["state"]
+                return raw
             self._record = json.loads(raw)
+
+    def wait(self, timeout: float | None = None) -> str:
+        """Block until the job stops running (paused, finished, ...); return its state."""
+        # A stopped run without an outcome is still stopped.
+        with contextlib.suppress(JobStoppedError):
+            self._await_outcome(timeout)
+        return self.info()["state"]
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait until the job stops running and return what its last run returned.
@@ -311,35 +321,20 @@ class Job:
         :class:`JobStoppedError` if the run ended without returning (cancelled,
         killed, lost).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = _LONG_POLL if deadline is None else deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(
-                    f"job {self.id} is still {self._record.get('state')} after {timeout}s"
-                )
-            try:
-                status, _, raw = self.client._request(
-                    "GET",
-                    f"jobs/{_quote(self.id)}/result",
-                    params={"wait": min(left, _LONG_POLL)},
-                    timeout=min(left, _LONG_POLL) + self.client.timeout,
-                )
-            except JobStoppedError as e:
-                e.state = self.status()
-                raise
-            if status == 202:
-                self._record = json.loads(raw)
-                continue
-            outcome = cloudpickle.loads(raw)
-            if outcome.get("ok"):
-                return outcome.get("value")
-            raise JobFailedError(
-                outcome.get("message", ""),
-                exc_type=outcome.get("exc_type", ""),
-                remote_traceback=outcome.get("traceback", ""),
-                exception=outcome.get("exception"),
-            )
+        try:
+            raw = self._await_outcome(timeout)
+        except JobStoppedError as e:
+            e.state = self.status()
+            raise
+        outcome = cloudpickle.loads(raw)
+        if outcome.get("ok"):
+            return outcome.get("value")
+        raise JobFailedError(
+            outcome.get("message", ""),
+            exc_type=outcome.get("exc_type", ""),
+            remote_traceback=outcome.get("traceback", ""),
+            exception=outcome.get("exception"),
+        )
 
     def _ipython_display_(self) -> None:
         """In a notebook a Job shows as its live widget; elsewhere as a text summary."""
