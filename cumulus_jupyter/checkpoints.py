@@ -67,7 +67,8 @@ class CheckpointIndex:
             if not isinstance(entry, dict) or not valid_checkpoint_name(str(entry.get("name"))):
                 continue
             path = self.dir / entry["name"]
-            if path.is_file():
+            # A link could point anywhere: only real files of this directory count.
+            if path.is_file() and not path.is_symlink():
                 out.append({**entry, "path": str(path)})
         return out
 

@@ -41,6 +41,11 @@ class CumulusHandler(APIHandler):
 
     auth_resource = AUTH_RESOURCE
 
+    def _request_summary(self) -> str:
+        # tornado logs HTTP errors with the full URI, query included: a
+        # `?token=...` would land in the server log. The path is enough.
+        return f"{self.request.method} {self.request.path} ({self.request.remote_ip})"
+
     @property
     def manager(self) -> JobManager:
         return self.settings["cumulus_manager"]

@@ -69,13 +69,16 @@ class JobManager:
         """Rebuild the in-memory view from the job root and re-adopt live jobs."""
         for job_id in self.store.job_ids():
             try:
-                record = self.store.read_record(job_id)
-            except ValueError as e:
-                self.log.error("cumulus: job %s is damaged and was skipped: %s", job_id, e)
+                record = _checked_record(self.store.read_record(job_id))
+            except (ValueError, TypeError, KeyError) as e:
+                # Reported, not skipped: the user sees it and can delete it;
+                # its files stay as they are for inspection.
+                self.log.error("cumulus: job %s is damaged: %s", job_id, e)
+                self.jobs[job_id] = self._damaged(job_id, e)
                 continue
             record["id"] = job_id
             self.jobs[job_id] = record
-            state = JobState(record.get("state", "lost"))
+            state = JobState(record["state"])
             if state in (JobState.RUNNING, JobState.PAUSING):
                 handle = ProcessHandle.from_json(record.get("process"))
                 if handle is not None and self.backend.adopt(handle):
@@ -84,6 +87,35 @@ class JobManager:
                 else:
                     self._finish(job_id)
         self._admit()
+
+    def _damaged(self, job_id: str, error: BaseException) -> dict[str, Any]:
+        path = self.store.path(job_id)
+        try:
+            created = path.stat().st_mtime
+        except OSError:
+            created = 0.0
+        return {
+            "id": job_id,
+            "name": job_id,
+            "state": JobState.LOST.value,
+            "damaged": True,
+            "created": created,
+            "gpu_memory": 0.0,
+            "duration": None,
+            "run": 0,
+            "runs": [],
+            "device": None,
+            "started": None,
+            "ended": None,
+            "message": (
+                f"this job's record is damaged ({error}); it cannot be controlled. Its files "
+                "are kept for inspection: delete the job to remove them"
+            ),
+        }
+
+    def _refuse_damaged(self, job: dict[str, Any]) -> None:
+        if job.get("damaged"):
+            raise InvalidStateError(f"job {job['id']} is damaged: {job['message']}")
 
     async def start(self) -> None:
         self.load()
@@ -224,6 +256,7 @@ class JobManager:
     def pause(self, job_id: str, reason: str = "user") -> dict[str, Any]:
         """Ask a running job to checkpoint and stop at its next batch boundary."""
         job = self.get(job_id)
+        self._refuse_damaged(job)
         state = JobState(job["state"])
         if state is JobState.PAUSING:
             raise InvalidStateError(f"job {job_id} is already pausing")
@@ -247,6 +280,7 @@ class JobManager:
     def resume(self, job_id: str, checkpoint: Any = None, duration: Any = None) -> dict[str, Any]:
         """Queue a stopped job again: the same function continues from a checkpoint."""
         job = self.get(job_id)
+        self._refuse_damaged(job)
         state = JobState(job["state"])
         if state not in RESUMABLE:
             raise InvalidStateError(
@@ -298,6 +332,7 @@ class JobManager:
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Stop a job for good; its process tree is removed."""
         job = self.get(job_id)
+        self._refuse_damaged(job)
         state = JobState(job["state"])
         if state in (JobState.QUEUED, *RESUMABLE):
             self._set_state(job_id, JobState.CANCELLED, "cancelled")
@@ -597,3 +632,26 @@ class JobManager:
             except Exception:  # one bad job must not stop the watching of the others
                 self.log.exception("cumulus: monitor pass failed")
             await asyncio.sleep(_MONITOR_INTERVAL)
+
+
+_RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "id": str,
+    "name": str,
+    "state": str,
+    "gpu_memory": (int, float),
+    "run": int,
+    "runs": list,
+    "python": str,
+}
+
+
+def _checked_record(record: Any) -> dict[str, Any]:
+    """A job record read from disk, or ValueError saying what is wrong with it."""
+    if not isinstance(record, dict):
+        raise ValueError("job.json is not a JSON object")
+    for key, kind in _RECORD_TYPES.items():
+        if not isinstance(record.get(key), kind):
+            raise ValueError(f"job.json has no valid {key!r}")
+    JobState(record["state"])  # ValueError for an unknown state
+    parse_gpu_memory(record["gpu_memory"])
+    return record

@@ -118,7 +118,19 @@ def run(job_dir: Path) -> int:
         _setup_gpu()
         import cloudpickle
 
-        func, args, kwargs = cloudpickle.loads((job_dir / "func.pkl").read_bytes())
+        call = cloudpickle.loads((job_dir / "func.pkl").read_bytes())
+        if not (
+            isinstance(call, tuple)
+            and len(call) == 3
+            and callable(call[0])
+            and isinstance(call[1], tuple | list)
+            and isinstance(call[2], dict)
+        ):
+            raise TypeError(
+                "the job's payload must be cloudpickle.dumps((callable, args, kwargs)), "
+                f"got a {type(call).__name__}"
+            )
+        func, args, kwargs = call
         value = func(*args, **kwargs)
         outcome = {"ok": True, "value": value}
     except JobInterrupted as e:

@@ -198,3 +198,73 @@ async def test_every_route_refuses_without_credentials(
     assert resp.code == 403, (resp.code, resp.body)
     assert json.loads(resp.body)["error"] == "forbidden"
     assert disk_snapshot(root) == before
+
+
+async def finished_job(jp_fetch):
+    resp = await jp_fetch("cumulus", "api", "jobs", method="POST", body=submit_body())
+    job_id = json.loads(resp.body)["id"]
+    await jp_fetch("cumulus", "api", "jobs", job_id, "result", params={"wait": 60})
+    return job_id
+
+
+@pytest.mark.parametrize(
+    "bad_id",
+    ["..", "%2e%2e", "..%2F..%2Fetc", "%2Fetc%2Fpasswd", "abc%00def", ".hidden", "a" * 65],
+)
+async def test_traversal_in_job_ids_is_404(jp_fetch, jp_serverapp, bad_id):
+    job_id = await finished_job(jp_fetch)
+    root = jp_serverapp.config["CumulusApp"]["job_root"]
+    before = disk_snapshot(os.path.dirname(root))
+    for parts, method in [
+        ((bad_id,), "GET"),
+        ((bad_id, "checkpoints"), "GET"),
+        ((bad_id, "logs"), "GET"),
+        ((bad_id,), "DELETE"),
+        ((bad_id, "resume"), "POST"),
+    ]:
+        kw = {"body": "{}"} if method == "POST" else {}
+        with pytest.raises(HTTPClientError) as info:
+            await jp_fetch("cumulus", "api", "jobs", *parts, method=method, **kw)
+        assert info.value.code in (400, 404), (parts, method)
+    # A prefix of a real id is not that job either.
+    with pytest.raises(HTTPClientError) as info:
+        await jp_fetch("cumulus", "api", "jobs", job_id[:6])
+    assert info.value.code == 404
+    assert disk_snapshot(os.path.dirname(root)) == before
+
+
+async def test_traversal_in_checkpoint_names_reads_and_deletes_nothing_outside(
+    jp_fetch, jp_serverapp, tmp_path
+):
+    job_id = await finished_job(jp_fetch)
+    root = jp_serverapp.config["CumulusApp"]["job_root"]
+    ckpt_dir = os.path.join(root, job_id, "checkpoints")
+    os.makedirs(ckpt_dir, mode=0o700)
+    outside = tmp_path / "precious.pt"
+    outside.write_bytes(b"do not touch")
+    os.symlink(outside, os.path.join(ckpt_dir, "evil.pt"))
+    manifest = {"version": 1, "seq": 1, "checkpoints": [{"name": "evil.pt", "step": 1}]}
+    with open(os.path.join(ckpt_dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    listed = json.loads((await jp_fetch("cumulus", "api", "jobs", job_id, "checkpoints")).body)
+    assert listed["checkpoints"] == []  # a link is not a checkpoint
+    for name in ["evil.pt", "..%2Fjob.json", "%2E%2E%2Ffunc.pkl", "%2Fetc%2Fpasswd", ".lock"]:
+        with pytest.raises(HTTPClientError) as info:
+            await jp_fetch("cumulus", "api", "jobs", job_id, "checkpoints", name, method="DELETE")
+        assert info.value.code in (400, 404), name
+    body = json.dumps({"checkpoint": "../../job.json"})
+    with pytest.raises(HTTPClientError):
+        await jp_fetch("cumulus", "api", "jobs", job_id, "resume", method="POST", body=body)
+    assert outside.read_bytes() == b"do not touch"
+    assert os.path.exists(os.path.join(root, job_id, "job.json"))
+    assert os.path.exists(os.path.join(root, job_id, "func.pkl"))
+
+
+async def test_a_payload_that_is_not_a_call_fails_the_job_clearly(jp_fetch):
+    raw = base64.b64encode(cloudpickle.dumps({"not": "a call"})).decode()
+    resp = await jp_fetch("cumulus", "api", "jobs", method="POST", body=submit_body(payload=raw))
+    job_id = json.loads(resp.body)["id"]
+    resp = await jp_fetch("cumulus", "api", "jobs", job_id, "result", params={"wait": 60})
+    outcome = cloudpickle.loads(resp.body)
+    assert outcome["ok"] is False
+    assert "(callable, args, kwargs)" in outcome["message"]
