@@ -5,12 +5,10 @@ every job), so the original examples, which say ``from runtime import
 Checkpointer, should_pause`` beside it, run unchanged.
 """
 
-import sys
-
-from cumulus_jupyter import runtime as _runtime
 from cumulus_jupyter.client import CumulusClient, Job
 from cumulus_jupyter.errors import CumulusError, JobFailedError
+from cumulus_jupyter.jobcontext import install_runtime_alias
 
-sys.modules.setdefault("runtime", _runtime)
+install_runtime_alias()
 
 __all__ = ["CumulusClient", "CumulusError", "Job", "JobFailedError"]

@@ -63,6 +63,13 @@ class CumulusApp(ExtensionApp):
         config=True,
         help="Largest pickled function + arguments a client may submit, in bytes (else 413).",
     )
+    job_nice = Integer(
+        5,
+        config=True,
+        help="Niceness job processes give themselves (0-19): the server that pauses and "
+        "reports on them stays responsive when many jobs compete for the CPU. A job on a "
+        "GPU hardly notices.",
+    )
     gpus = List(
         Unicode(),
         default_value=None,
@@ -117,6 +124,7 @@ class CumulusApp(ExtensionApp):
             pause_timeout=self.pause_timeout,
             kill_grace=self.kill_grace,
             max_payload_bytes=self.max_payload_bytes,
+            job_nice=self.job_nice,
             log=self.log,
         )
         self.settings["cumulus_manager"] = self.manager

@@ -126,12 +126,30 @@ class LocalBackend(Backend):
     def is_alive(self, handle: ProcessHandle) -> bool:
         child = self._children.get(handle.pid)
         if child is not None:
-            return child.poll() is None  # also reaps our own finished children
+            if child.returncode is not None:
+                return False
+            # Look without reaping: until cleanup() reaps it, the pid (and so
+            # the process group id) cannot be given to another process.
+            try:
+                return os.waitid(os.P_PID, handle.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+            except ChildProcessError:
+                return child.poll() is None
         return self._process(handle) is not None
 
     def exit_code(self, handle: ProcessHandle) -> int | None:
         child = self._children.get(handle.pid)
-        return child.returncode if child is not None else None
+        if child is None:
+            return None
+        if child.returncode is None:
+            try:
+                info = os.waitid(os.P_PID, handle.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return child.poll()
+            if info is not None:
+                # As Popen reports it: the exit status, or minus the signal.
+                killed = info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
+                return -info.si_status if killed else info.si_status
+        return child.returncode
 
     def notify_pause(self, handle: ProcessHandle) -> None:
         if self._process(handle) is not None:
@@ -176,10 +194,19 @@ class LocalBackend(Backend):
     def cleanup(self, handle: ProcessHandle) -> None:
         # The main process is gone; stray members of its group (a DataLoader
         # worker, a subprocess the job started) must not keep GPU memory.
-        for proc in self._tree(handle):
-            if proc.pid != handle.pid:
-                with contextlib.suppress(psutil.Error):
-                    proc.kill()
+        child = self._children.get(handle.pid)
+        if child is not None and child.returncode is None:
+            # Our own child, exited but not reaped yet: its pid and group id
+            # are still reserved, so one signal to the group is exact (and
+            # cheap: no scan of every process on the host).
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(handle.pid, signal.SIGKILL)
+            child.wait()
+        else:
+            for proc in self._tree(handle):
+                if proc.pid != handle.pid:
+                    with contextlib.suppress(psutil.Error):
+                        proc.kill()
         self._reap(handle)
 
     def _reap(self, handle: ProcessHandle) -> None:

@@ -32,9 +32,11 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bo
     """Write ``data`` to ``path`` so that readers never see a partial file.
 
     The bytes go to a temporary file in the same directory (same filesystem,
-    so the rename is atomic), which is fsynced and renamed into place. With
-    ``durable`` the directory is fsynced too, so the rename survives a power
-    loss; state files written many times a second may skip that.
+    so the rename is atomic) and are renamed into place: a reader, or a
+    process that crashes and starts again, sees the old content or the new.
+    With ``durable`` the file and its directory are also fsynced, so the
+    write survives a power loss; the server's records skip that, because an
+    fsync can take tens of milliseconds and the event loop must not wait.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -42,7 +44,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bo
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:

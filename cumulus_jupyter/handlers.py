@@ -115,7 +115,7 @@ class JobsHandler(CumulusHandler):
         with self.errors():
             user = self.current_user
             owner = getattr(user, "username", "") or ""
-            job = self.manager.submit(self.body(), owner=owner)
+            job = await self.manager.submit(self.body(), owner=owner)
         self.set_header("Location", self.reverse_url_safe(job["id"]))
         self.reply(job, status=201)
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.abc
+import importlib.util
 import os
 import signal
+import sys
 import time
 import weakref
 from pathlib import Path
@@ -142,3 +146,28 @@ def wait_for_saves() -> list[BaseException]:
             errors.append(e)
     _saving.clear()
     return errors
+
+
+class _RuntimeAlias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Makes ``import runtime`` give ``cumulus_jupyter.runtime``, imported only then.
+
+    The seed's examples say ``from runtime import Checkpointer``; importing
+    the real module eagerly would put torch's import time on every job start.
+    """
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "runtime":
+            return None
+        return importlib.util.spec_from_loader(name, self)
+
+    def create_module(self, spec: Any) -> Any:
+        return importlib.import_module("cumulus_jupyter.runtime")
+
+    def exec_module(self, module: Any) -> None:
+        """Nothing to run: the module was imported under its own name."""
+
+
+def install_runtime_alias() -> None:
+    """Let ``import runtime`` work in this process (once; idempotent)."""
+    if not any(isinstance(f, _RuntimeAlias) for f in sys.meta_path):
+        sys.meta_path.append(_RuntimeAlias())

@@ -331,7 +331,7 @@ class CumulusMagics(Magics):
 
 def load_ipython_extension(ip: Any) -> None:
     """``%load_ext cumulus_jupyter``: register the magics; make ``runtime`` importable."""
-    from . import runtime
+    from .jobcontext import install_runtime_alias
 
-    sys.modules.setdefault("runtime", runtime)
+    install_runtime_alias()
     ip.register_magics(CumulusMagics)

@@ -50,6 +50,7 @@ class JobManager:
         pause_timeout: float = 60.0,
         kill_grace: float = 10.0,
         max_payload_bytes: int = 256 << 20,
+        job_nice: int = 5,
         log: logging.Logger | None = None,
     ):
         self.store = JobStore(root)
@@ -58,9 +59,11 @@ class JobManager:
         self.pause_timeout = pause_timeout
         self.kill_grace = kill_grace
         self.max_payload_bytes = max_payload_bytes
+        self.job_nice = job_nice
         self.log = log or logging.getLogger("cumulus_jupyter")
         self.jobs: dict[str, dict[str, Any]] = {}
         self._changed: dict[str, asyncio.Event] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self._monitor: asyncio.Task[None] | None = None
 
     # -- start / stop ----------------------------------------------------------
@@ -160,8 +163,8 @@ class JobManager:
 
     # -- submit ----------------------------------------------------------------
 
-    def submit(self, body: Any, owner: str = "") -> dict[str, Any]:
-        """Validate a submission, store it, and queue the job."""
+    async def submit(self, body: Any, owner: str = "") -> dict[str, Any]:
+        """Validate a submission, store it (durably, off the event loop), and queue the job."""
         if not isinstance(body, dict):
             raise BadRequestError("the request body must be a JSON object")
         unknown = set(body) - _SUBMIT_FIELDS
@@ -208,7 +211,7 @@ class JobManager:
             "cancel_requested": None,
             "escalation": None,
         }
-        self.store.create(job_id, record, payload)
+        await asyncio.to_thread(self.store.create, job_id, record, payload)
         self.jobs[job_id] = record
         self._admit()
         return self.public(job_id)
@@ -441,7 +444,9 @@ class JobManager:
     def _save(self, job_id: str) -> None:
         job = self.jobs[job_id]
         try:
-            self.store.write_record(job_id, job)
+            # Keys starting with "_" are this process's own bookkeeping.
+            record = {k: v for k, v in job.items() if not k.startswith("_")}
+            self.store.write_record(job_id, record)
         except OSError as e:  # e.g. disk full: keep serving, say so in the record
             job["message"] = f"could not save the job record: {e.strerror or e}"
             self.log.error("cumulus: could not write the record of job %s: %s", job_id, e)
@@ -463,42 +468,67 @@ class JobManager:
         job asking for a whole GPU is not starved by a stream of small ones.
         """
         queued = sorted(
-            (j for j in self.jobs.values() if j["state"] == JobState.QUEUED.value),
+            (
+                j
+                for j in self.jobs.values()
+                if j["state"] == JobState.QUEUED.value and not j.get("_starting")
+            ),
             key=lambda j: (j.get("queued_at") or j.get("created") or 0, j["id"]),
         )
         for job in queued:
             device = self.ledger.place(job["gpu_memory"])
             if device is None:
                 break
-            self._start_run(job["id"], device)
+            # The share is taken now, so the next job is placed knowing it;
+            # the process starts in a thread (a fork takes milliseconds that
+            # every other request would wait for).
+            self.ledger.take(job["id"], device, job["gpu_memory"])
+            job["_starting"] = True
+            task = asyncio.get_running_loop().create_task(self._start_run(job["id"], device))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    def _job_env(self, job: dict[str, Any], device: str) -> dict[str, str]:
+    def _job_env(self, job: dict[str, Any], device: str, run: int) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
         env.update(
             CUMULUS_JOB_DIR=str(self.store.path(job["id"])),
             CUMULUS_JOB_ID=job["id"],
-            CUMULUS_RUN=str(job["run"]),
+            CUMULUS_RUN=str(run),
             CUMULUS_GPU_FRACTION=repr(job["gpu_memory"]),
+            CUMULUS_JOB_NICE=str(self.job_nice),
             PYTHONUNBUFFERED="1",
             # Pin the job to its device; with no GPUs configured, hide them all.
             CUDA_VISIBLE_DEVICES=device if self.ledger.has_gpus else "",
         )
         return env
 
-    def _start_run(self, job_id: str, device: str) -> None:
+    async def _start_run(self, job_id: str, device: str) -> None:
         job = self.jobs[job_id]
         job_dir = self.store.path(job_id)
-        job["run"] = int(job.get("run", 0)) + 1
+        run = int(job.get("run", 0)) + 1
         # The last run's result must not pass for this run's.
         with contextlib.suppress(FileNotFoundError):
             (job_dir / "result.pkl").unlink()
+        env = self._job_env(job, device, run)
         try:
-            handle = self.backend.start(job_dir, job["python"], self._job_env(job, device))
+            handle = await asyncio.to_thread(self.backend.start, job_dir, job["python"], env)
         except OSError as e:
-            job["ended"] = time.time()
-            self._set_state(job_id, JobState.FAILED, f"could not start the job process: {e}")
+            job.pop("_starting", None)
+            self.ledger.release(job_id)
+            if job["state"] == JobState.QUEUED.value:
+                job["ended"] = time.time()
+                self._set_state(job_id, JobState.FAILED, f"could not start the job process: {e}")
+            self._admit()
             return
-        self.ledger.take(job_id, device, job["gpu_memory"])
+        job.pop("_starting", None)
+        if self.jobs.get(job_id) is not job or job["state"] != JobState.QUEUED.value:
+            # Cancelled while its process was starting: that process goes too.
+            self.backend.kill(handle)
+            self.backend.cleanup(handle)
+            self.ledger.release(job_id)
+            self._admit()
+            return
+        job["run"] = run
         now = time.time()
         job.update(
             device=device,

@@ -56,7 +56,8 @@ class JobStore:
         atomic_write_bytes(d / "func.pkl", payload)
         atomic_write_json(d / "control.json", {"pause": False, "cancel": False})
         (d / "output.log").touch(mode=FILE_MODE)
-        self.write_record(job_id, record)
+        # A job the client was told exists must survive a power loss.
+        self.write_record(job_id, record, durable=True)
         return d
 
     def job_ids(self) -> list[str]:
@@ -74,8 +75,10 @@ class JobStore:
             raise ValueError(f"{self.path(job_id) / 'job.json'} is missing or not a job record")
         return data
 
-    def write_record(self, job_id: str, record: dict[str, Any]) -> None:
-        atomic_write_json(self.path(job_id) / "job.json", record)
+    def write_record(self, job_id: str, record: dict[str, Any], durable: bool = False) -> None:
+        # Not fsynced: written on every state change from the event loop. After
+        # a power loss the job's own state.json settles what happened.
+        atomic_write_json(self.path(job_id) / "job.json", record, durable=durable)
 
     def read_state(self, job_id: str) -> dict[str, Any]:
         """What the job process last wrote about itself (empty if nothing readable)."""
@@ -95,7 +98,7 @@ class JobStore:
     def write_control(self, job_id: str, **changes: Any) -> None:
         control = self.read_control(job_id)
         control.update(changes)
-        atomic_write_json(self.path(job_id) / "control.json", control)
+        atomic_write_json(self.path(job_id) / "control.json", control, durable=False)
 
     def remove(self, job_id: str) -> None:
         shutil.rmtree(self.path(job_id))

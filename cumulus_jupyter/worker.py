@@ -7,6 +7,7 @@ even when the server that started it is gone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -21,6 +22,7 @@ from .spec import python_version
 #: Environment the backend sets for the worker.
 RUN_ENV = "CUMULUS_RUN"
 GPU_FRACTION_ENV = "CUMULUS_GPU_FRACTION"
+NICE_ENV = "CUMULUS_JOB_NICE"
 
 
 def _process_start_time() -> float | None:
@@ -81,6 +83,10 @@ def run(job_dir: Path) -> int:
     )
 
     signal.signal(PAUSE_SIGNAL, request_pause)
+    # Below the server that controls it: a pause or a status request must not
+    # wait behind fifty jobs starting up on a few cores.
+    with contextlib.suppress(ValueError, OSError):
+        os.nice(int(os.environ.get(NICE_ENV, "0")))
 
     def on_term(signum: int, _frame: Any) -> None:
         raise JobInterrupted(signum)
@@ -103,10 +109,8 @@ def run(job_dir: Path) -> int:
     outcome: dict[str, Any]
     interrupted = False
     try:
-        from . import runtime
-
         # The seed's examples say `from runtime import Checkpointer, should_pause`.
-        sys.modules.setdefault("runtime", runtime)
+        jobcontext.install_runtime_alias()
         spec = read_json(job_dir / "job.json", default={})
         want = spec.get("python_version")
         have = python_version()

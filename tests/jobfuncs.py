@@ -299,3 +299,15 @@ def save_async_then_return(mb=64):
     ckpt = Checkpointer(blocking=False)
     ckpt.save(model, None, 0, 1)
     return ckpt.path
+
+
+def pausable_sleep(seconds, tag=None):
+    """Sleeps in small steps, honouring pauses (no checkpoint: a resume starts over)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if should_pause():
+            return {"status": "paused", "tag": tag}
+        time.sleep(0.02)
+    return {"status": "completed", "tag": tag}

@@ -1,0 +1,81 @@
+"""Control-plane latency: status requests while 50 clients drive job lifecycles.
+
+    python benchmarks/control_plane.py [--clients 50]
+
+Starts a headless job server, then runs the load twice, side by side in one
+run: with no other work, and with 2 jobs training on the CPU. Each of the
+clients submits a job and polls, pauses, resumes and maybe cancels it. The
+figure of interest is the latency of ``GET /cumulus/api/jobs/{id}`` (status),
+goal p99 <= 100 ms under load with 2 jobs training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+sys.path.insert(0, str(TESTS))  # the server launcher and load clients the tests use
+
+import jobfuncs  # noqa: E402
+from loadclients import run_clients  # noqa: E402
+from servers import ServerProcess, wait_until  # noqa: E402
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="control-plane latency benchmark")
+    parser.add_argument("--clients", type=int, default=50)
+    args = parser.parse_args()
+    server = ServerProcess(Path(tempfile.mkdtemp(prefix="cumulus-cp-"))).start()
+    base = server.url + "cumulus/api/"
+    rows = []
+    try:
+        client = server.client()
+        for label in ("idle server", "2 jobs training"):
+            training = []
+            if label != "idle server":
+                training = [
+                    client.run_async(
+                        jobfuncs.resumable_train,
+                        kwargs={"epochs": 50, "steps": 10**6, "step_seconds": 0.0},
+                        gpu_memory=0.3,
+                    )
+                    for _ in range(2)
+                ]
+                for job in training:
+                    wait_until(lambda j=job: len(j.metrics()) > 20, timeout=120)
+            rec, _ = asyncio.run(
+                run_clients(
+                    base, server.token, args.clients, 180, jobfuncs.pausable_sleep, (1.0,), 0.008
+                )
+            )
+            for job in training:
+                job.cancel()
+            lat = [x * 1000 for x in rec.status_latencies]
+            rows.append((label, len(lat), statistics.median(lat), percentile(lat, 0.99), rec.codes))
+    finally:
+        server.stop()
+        from conftest import _kill_leftover_jobs
+
+        _kill_leftover_jobs(server.job_root)
+    print(f"{args.clients} concurrent clients; status request = GET /cumulus/api/jobs/{{id}}")
+    print(f"  {'load':<18} {'requests':>8} {'p50 ms':>8} {'p99 ms':>8}  status codes")
+    for label, n, p50, p99, codes in rows:
+        print(f"  {label:<18} {n:8d} {p50:8.1f} {p99:8.1f}  {dict(sorted(codes.items()))}")
+    p99 = rows[-1][3]
+    verdict = "met" if p99 <= 100 else "NOT met"
+    print(f"  p99 with 2 jobs training: {p99:.1f} ms, goal <= 100 ms: {verdict}")
+    print(f"  p99 training / idle: {p99 / rows[0][3]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
