@@ -80,20 +80,21 @@ class JobStore:
         # a power loss the job's own state.json settles what happened.
         atomic_write_json(self.path(job_id) / "job.json", record, durable=durable)
 
-    def read_state(self, job_id: str) -> dict[str, Any]:
-        """What the job process last wrote about itself (empty if nothing readable)."""
+    def _read_object(self, job_id: str, name: str) -> dict[str, Any]:
+        """A JSON object file of the job; empty when missing or damaged."""
         try:
-            data = read_json(self.path(job_id) / "state.json", default={})
+            data = read_json(self.path(job_id) / name, default={})
         except ValueError:
             return {}
         return data if isinstance(data, dict) else {}
 
+    def read_state(self, job_id: str) -> dict[str, Any]:
+        """What the job process last wrote about itself (empty if nothing readable)."""
+        return self._read_object(job_id, "state.json")
+
     def read_control(self, job_id: str) -> dict[str, Any]:
-        try:
-            data = read_json(self.path(job_id) / "control.json", default={})
-        except ValueError:
-            return {}
-        return data if isinstance(data, dict) else {}
+        """The server's instructions to the job (empty if nothing readable)."""
+        return self._read_object(job_id, "control.json")
 
     def write_control(self, job_id: str, **changes: Any) -> None:
         control = self.read_control(job_id)
