@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ _SECRET_ENV = ("CUMULUS_TOKEN", "JUPYTER_TOKEN", "JPY_API_TOKEN")
 _SUBMIT_FIELDS = {"payload", "name", "gpu_memory", "duration", "python", "python_version"}
 _MONITOR_INTERVAL = 0.2
 _LOG_CHUNK = 1 << 20
+#: Below this much free space a job that died is said to have met a full disk.
+_LOW_DISK = 16 << 20
 
 
 class JobManager:
@@ -448,7 +451,8 @@ class JobManager:
             record = {k: v for k, v in job.items() if not k.startswith("_")}
             self.store.write_record(job_id, record)
         except OSError as e:  # e.g. disk full: keep serving, say so in the record
-            job["message"] = f"could not save the job record: {e.strerror or e}"
+            note = f"could not save the job record: {e.strerror or e}"
+            job["message"] = f"{job['message']} ({note})" if job.get("message") else note
             self.log.error("cumulus: could not write the record of job %s: %s", job_id, e)
         self._notify(job_id)
 
@@ -578,6 +582,12 @@ class JobManager:
             last = self._last_log_line(job_id)
             if last:
                 message += f". Last output: {last}"
+            free = self._free_bytes(job_id)
+            if free is not None and free < _LOW_DISK:
+                message += (
+                    f". The disk holding the job root is full ({free / 2**20:.1f} MiB free): "
+                    "free space, then resume the job"
+                )
         if job.get("escalation") and new in (JobState.PAUSED, JobState.TIMED_OUT):
             message += f" (did not stop in time: {job['escalation']} sent)"
         self.ledger.release(job_id)
@@ -594,6 +604,12 @@ class JobManager:
         if not can_transition(JobState(job["state"]), new):
             new = JobState.LOST  # never leave a job stuck in an active state
         self._set_state(job_id, new, message)
+
+    def _free_bytes(self, job_id: str) -> int | None:
+        try:
+            return shutil.disk_usage(self.store.path(job_id)).free
+        except OSError:
+            return None
 
     def _last_log_line(self, job_id: str) -> str:
         """The job's last line of output: often the reason it died."""

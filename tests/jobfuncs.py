@@ -311,3 +311,10 @@ def pausable_sleep(seconds, tag=None):
             return {"status": "paused", "tag": tag}
         time.sleep(0.02)
     return {"status": "completed", "tag": tag}
+
+
+def fill_the_disk(chunk_kb=64):
+    """Prints until the disk holding its log is full."""
+    line = "x" * 1023 + "\n"
+    while True:
+        print(line * chunk_kb, end="", flush=True)

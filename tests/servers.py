@@ -42,10 +42,16 @@ def wait_until(
 class ServerProcess:
     """Starts, stops and restarts a Jupyter server subprocess with the extension."""
 
-    def __init__(self, base: Path, command: str = "server", **cumulus_config: Any):
+    def __init__(
+        self,
+        base: Path,
+        command: str = "server",
+        job_root: Path | None = None,
+        **cumulus_config: Any,
+    ):
         self.base = base
         self.command = command
-        self.job_root = base / "jobs"
+        self.job_root = Path(job_root) if job_root else base / "jobs"
         self.port = free_port()
         self.token = secrets.token_hex(16)
         self.cumulus_config = {"gpus": "[]", **cumulus_config}

@@ -197,3 +197,36 @@ def test_job_files_are_private(srv):
     for path in job_dir.rglob("*"):
         mode = path.stat().st_mode & 0o777
         assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB filesystem for the job root (tmpfs; needs the right to mount)."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {done.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_disk_is_reported_and_the_server_keeps_serving(tmp_path, small_disk):
+    (tmp_path / "srv").mkdir()
+    server = ServerProcess(tmp_path / "srv", job_root=small_disk / "jobs").start()
+    try:
+        client = server.client()
+        hog = client.run_async(jobfuncs.fill_the_disk, gpu_memory=0.1)
+        wait_until(lambda: hog.status() in ("lost", "failed"), timeout=60, what="the disk to fill")
+        message = hog.info()["message"]
+        assert "disk holding the job root is full" in message
+        assert "could not save the job record: No space left on device" in message
+        assert client.jobs()  # still serving
+        client.forget_job(hog.id)  # frees the space
+        assert client.run(jobfuncs.add, args=[5], gpu_memory=0.1) == 5
+    finally:
+        server.stop()
