@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
 import sys
+import time
 
 import cloudpickle
+import psutil
 import pytest
 from servers import wait_until
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
@@ -268,3 +271,33 @@ async def test_a_payload_that_is_not_a_call_fails_the_job_clearly(jp_fetch):
     outcome = cloudpickle.loads(resp.body)
     assert outcome["ok"] is False
     assert "(callable, args, kwargs)" in outcome["message"]
+
+
+async def test_cancel_right_after_submit_leaves_no_process_and_frees_the_share(
+    jp_fetch, jp_serverapp
+):
+
+    body = submit_body(payload=payload(__import__("time").sleep, (60,)), gpu_memory=1.0)
+    job = json.loads((await jp_fetch("cumulus", "api", "jobs", method="POST", body=body)).body)
+    # The process may still be starting (it starts off the event loop) or be running.
+    resp = await jp_fetch("cumulus", "api", "jobs", job["id"], "cancel", method="POST", body="{}")
+    assert json.loads(resp.body)["state"] in ("cancelled", "running")
+    job_dir = os.path.join(jp_serverapp.config["CumulusApp"]["job_root"], job["id"])
+
+    def workers():
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = proc.info["cmdline"] or []
+            if "cumulus_jupyter.worker" in cmd and job_dir in cmd:
+                found.append(proc)
+        return found
+
+    async def settled():
+        record = json.loads((await jp_fetch("cumulus", "api", "jobs", job["id"])).body)
+        gpus = json.loads((await jp_fetch("cumulus", "api", "gpus")).body)["gpus"]
+        return record["state"] == "cancelled" and gpus[0]["used"] == 0 and not workers()
+
+    deadline = time.monotonic() + 30
+    while not await settled():  # poll with a deadline
+        assert time.monotonic() < deadline, "the cancelled job did not settle"
+        await asyncio.sleep(0.05)
