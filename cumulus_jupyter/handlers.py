@@ -116,10 +116,10 @@ class JobsHandler(CumulusHandler):
             user = self.current_user
             owner = getattr(user, "username", "") or ""
             job = await self.manager.submit(self.body(), owner=owner)
-        self.set_header("Location", self.reverse_url_safe(job["id"]))
+        self.set_header("Location", self._job_url(job["id"]))
         self.reply(job, status=201)
 
-    def reverse_url_safe(self, job_id: str) -> str:
+    def _job_url(self, job_id: str) -> str:
         return f"{self.base_url.rstrip('/')}/cumulus/api/jobs/{job_id}"
 
 

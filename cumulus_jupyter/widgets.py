@@ -69,9 +69,6 @@ class _Poller:
             self._widgets.discard(widget)
         self._wake.set()
 
-    def __len__(self) -> int:
-        return len(self._widgets)
-
     def _run(self) -> None:
         while True:
             with self._lock:

@@ -21,18 +21,20 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import nbformat
 from playwright.sync_api import Page, sync_playwright
+
+# The same free-port and polling helpers the tests use.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from servers import free_port, wait_until
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -149,24 +151,6 @@ def write_notebook(path: Path) -> None:
 # -- the server ----------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
-
-
 def write_lab_settings(settings_dir: Path) -> None:
     """No news or update checks (no network), and no pop-ups over the notebook."""
     files = {
@@ -227,7 +211,7 @@ class Lab:
             self.proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root
             )
-        wait_until(self._ready, 90, f"jupyter lab on port {self.port}")
+        wait_until(self._ready, timeout=90, what=f"jupyter lab on port {self.port}")
         return self
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
@@ -265,7 +249,7 @@ class Lab:
         for job in left():
             with contextlib.suppress(OSError):  # a job that stopped meanwhile: 409
                 self.api("POST", f"cumulus/api/jobs/{job['id']}/cancel", {})
-        wait_until(lambda: not left(), 60, "the jobs to stop")
+        wait_until(lambda: not left(), timeout=60, what="the jobs to stop")
 
     def stop(self) -> None:
         if self.proc is None:
@@ -338,15 +322,15 @@ def screenshot(lab: Lab, out: Path) -> None:
             kernel_idle.wait_for()
             page.keyboard.press("Control+b")  # hide the file browser: room for the notebook
             run_all(page)
-            wait_until(lambda: all_cells_ran(page), 180, "every cell to run")
+            wait_until(lambda: all_cells_ran(page), timeout=180, what="every cell to run")
             check_no_errors(page)
 
             rows = page.locator(".cumulus-checkpoints select option")
-            wait_until(lambda: rows.count() >= 5, 30, "the checkpoint browser's rows")
+            wait_until(lambda: rows.count() >= 5, timeout=30, what="the checkpoint browser's rows")
             running = page.locator(".widget-html-content span", has_text=re.compile("^running$"))
             running.first.wait_for()
             page.locator(".jp-OutputArea svg polyline").first.wait_for()
-            wait_until(lambda: progress_step(page) >= 300, 120, "the chart to fill")
+            wait_until(lambda: progress_step(page) >= 300, timeout=120, what="the chart to fill")
 
             # No cell highlighted in view: make the first one active (command mode).
             page.keyboard.press("Escape")

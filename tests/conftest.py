@@ -14,12 +14,13 @@ from servers import ServerProcess
 pytest_plugins = ("pytest_jupyter.jupyter_server",)
 
 
-@pytest.fixture
-def jp_server_config(tmp_path):
+def cumulus_server_config(tmp_path, **server_app):
+    """In-process server config: the extension on, authentication enforced."""
     return {
         "ServerApp": {
             "jpserver_extensions": {"cumulus_jupyter": True},
             "allow_unauthenticated_access": False,
+            **server_app,
         },
         "CumulusApp": {
             "job_root": str(tmp_path / "jobs"),
@@ -27,6 +28,11 @@ def jp_server_config(tmp_path):
             "max_payload_bytes": 64 * 1024,
         },
     }
+
+
+@pytest.fixture
+def jp_server_config(tmp_path):
+    return cumulus_server_config(tmp_path)
 
 
 @pytest.fixture(scope="module")

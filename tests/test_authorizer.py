@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+from conftest import cumulus_server_config
 from jupyter_server.auth.authorizer import Authorizer
 from test_rest import ROUTES, submit_body
 from tornado.httpclient import HTTPClientError
@@ -20,14 +21,7 @@ class DenyCumulus(Authorizer):
 
 @pytest.fixture
 def jp_server_config(tmp_path):
-    return {
-        "ServerApp": {
-            "jpserver_extensions": {"cumulus_jupyter": True},
-            "allow_unauthenticated_access": False,
-            "authorizer_class": DenyCumulus,
-        },
-        "CumulusApp": {"job_root": str(tmp_path / "jobs"), "gpus": []},
-    }
+    return cumulus_server_config(tmp_path, authorizer_class=DenyCumulus)
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)

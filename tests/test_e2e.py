@@ -288,7 +288,7 @@ def test_forget_removes_a_finished_job(client):
         job.status()
 
 
-def test_seed_timing_is_reported(client):
+def test_elapsed_time_grows_while_a_job_runs(client):
     """Elapsed time is measured on the server and grows while a job runs."""
     job = client.run_async(jobfuncs.sleep_then, args=[2, None], gpu_memory=0.1)
     wait_state(job, "running")

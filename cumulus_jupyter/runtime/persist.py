@@ -33,7 +33,6 @@ FORMAT = "cumulus-checkpoint"
 #: GB/s), so verifying costs next to nothing beside reading; it guards against
 #: corruption and truncation, not against an attacker who can write the files.
 HASH = "xxh3_128"
-_CHUNK = 16 << 20
 
 
 def entry_hash(entry: dict[str, Any] | None) -> str | None:
