@@ -20,7 +20,7 @@ from torch import nn
 from cumulus_jupyter import jobcontext
 from cumulus_jupyter.checkpoints import CheckpointIndex
 from cumulus_jupyter.runtime import Checkpointer, CheckpointError, list_checkpoints, report
-from cumulus_jupyter.runtime.persist import read_checkpoint
+from cumulus_jupyter.runtime.persist import read_checkpoint, write_checkpoint
 
 
 @pytest.fixture
@@ -76,6 +76,45 @@ def test_sigkill_during_saves_never_loses_the_last_good_checkpoint(tmp_path):
         assert state["name"] == CheckpointIndex(directory).latest()["name"]
     finally:
         del os.environ["CUMULUS_JOB_DIR"]
+
+
+def test_saving_again_at_a_listed_step_never_overwrites_the_listed_file(job_dir):
+    # A run resumed from an earlier checkpoint saves at the same epoch and step
+    # again. A kill after its file is in place but before the manifest moves on
+    # must leave the listed entry describing the bytes on disk.
+    directory = job_dir / "checkpoints"
+    model, optimizer = model_and_optimizer(seed=0)
+    ckpt = Checkpointer()
+    first = ckpt.save(model, optimizer, 0, 2)
+    assert Path(first).name == "checkpoint-e0-s2.pt"
+
+    other, _ = model_and_optimizer(seed=1)
+    target = directory / ckpt.index.file_for("checkpoint-e0-s2.pt")
+    assert target.name == "checkpoint-e0-s2.r1.pt"
+    write_checkpoint({"format": "cumulus-checkpoint", "model": other.state_dict()}, target)
+    # ...killed here: the new file exists, the manifest still lists the old one.
+    [entry] = CheckpointIndex(directory).entries()
+    read_checkpoint(Path(entry["path"]), entry["hash"])
+    restored, _ = model_and_optimizer(seed=2)
+    Checkpointer().load(restored)
+    assert torch.equal(restored.weight, model.weight)
+
+    second = Checkpointer().save(other, None, 0, 2)
+    assert Path(second).name == "checkpoint-e0-s2.r1.pt"
+    [entry] = CheckpointIndex(directory).entries()
+    assert entry["name"] == "checkpoint-e0-s2.pt" and entry["path"] == second
+    assert not (directory / "checkpoint-e0-s2.pt").exists()  # the replaced file is gone
+    state = Checkpointer().load(restored, checkpoint="checkpoint-e0-s2.pt")
+    assert torch.equal(restored.weight, other.weight)
+    assert state["name"] == "checkpoint-e0-s2.pt"
+
+    # The third save at the same step takes the plain name again.
+    third = Checkpointer().save(model, None, 0, 2)
+    assert Path(third).name == "checkpoint-e0-s2.pt"
+    assert [p.name for p in directory.glob("checkpoint-*")] == ["checkpoint-e0-s2.pt"]
+    # Deleting it by name removes its file.
+    assert CheckpointIndex(directory).remove("checkpoint-e0-s2.pt")
+    assert not list(directory.glob("checkpoint-*"))
 
 
 def test_an_exception_inside_torch_save_leaves_nothing_behind(job_dir):

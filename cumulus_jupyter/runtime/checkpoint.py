@@ -206,18 +206,21 @@ class Checkpointer:
             metrics = last_reported()
         entry_metrics = {k: v for k, v in (metrics or {}).items() if k not in _NOT_METRICS}
         name = f"{self._stem}-e{int(epoch)}-s{int(step)}{self._suffix}"
-        final = self.index.dir / name
         self.index.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Saving again at a listed epoch and step must not overwrite its file
+        # before the manifest moves on: a kill in between would leave the
+        # listed hash describing other bytes.
+        final = self.index.dir / self.index.file_for(name)
         self._last_saved = final
         self._last_save_time = time.monotonic()
         if blocking:
-            self._persist(state, final, entry_metrics)
+            self._persist(state, name, final, entry_metrics)
         else:
             state = snapshot(state, self._staging)
             self._staging = state
             self._pending = threading.Thread(
                 target=self._persist_in_background,
-                args=(state, final, entry_metrics),
+                args=(state, name, final, entry_metrics),
                 name=f"cumulus-save-{name}",
                 daemon=True,
             )
@@ -225,10 +228,13 @@ class Checkpointer:
             self._pending.start()
         return str(final)
 
-    def _persist(self, state: dict[str, Any], final: Path, metrics: dict[str, Any]) -> None:
+    def _persist(
+        self, state: dict[str, Any], name: str, final: Path, metrics: dict[str, Any]
+    ) -> None:
         size, content_hash = write_checkpoint(state, final)
         entry = {
-            "name": final.name,
+            "name": name,
+            "file": final.name,
             "epoch": state["epoch"],
             "step": state["step"],
             "time": state["time"],
@@ -247,13 +253,13 @@ class Checkpointer:
         self._apply_retention()
 
     def _persist_in_background(
-        self, state: dict[str, Any], final: Path, metrics: dict[str, Any]
+        self, state: dict[str, Any], name: str, final: Path, metrics: dict[str, Any]
     ) -> None:
         # No lower priority for this thread: measured, a niced writer persists
         # about half as fast (nice also lowers its I/O priority) and training
         # gains nothing it can measure (benchmarks/checkpoint.py).
         try:
-            self._persist(state, final, metrics)
+            self._persist(state, name, final, metrics)
         except BaseException as e:  # handed to the training thread by wait()
             self._pending_error = e
 
@@ -321,13 +327,18 @@ class Checkpointer:
             "step": state.get("step", 0),
             "extra": state.get("extra"),
             "path": str(path),
-            "name": path.name,
+            "name": (self._entry_at(path) or {}).get("name", path.name),
             "time": state.get("time"),
         }
 
     def _read(self, path: Path) -> dict[str, Any]:
-        entry = self.index.get(path.name) if path.parent == self.index.dir else None
-        return read_checkpoint(path, entry_hash(entry))
+        return read_checkpoint(path, entry_hash(self._entry_at(path)))
+
+    def _entry_at(self, path: Path) -> dict[str, Any] | None:
+        """The manifest entry whose file is ``path``, if it is one of this job's."""
+        if path.parent != self.index.dir:
+            return None
+        return next((e for e in self.index.entries() if e["path"] == str(path)), None)
 
     def _read_newest_good(self) -> tuple[Path, dict[str, Any]]:
         entries = self.index.entries()
