@@ -70,6 +70,11 @@ def _jupyter_server_extension_points() -> list[dict[str, Any]]:
     return [{"module": "cumulus_jupyter", "app": CumulusApp}]
 
 
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    """Where the prebuilt JupyterLab panel lives (``jupyter labextension develop``)."""
+    return [{"src": "labextension", "dest": "cumulus-jupyter"}]
+
+
 def load_ipython_extension(ip: Any) -> None:
     """``%load_ext cumulus_jupyter``: the ``%%cumulus`` and ``%cumulus`` magics."""
     from .magics import load_ipython_extension as load

@@ -56,3 +56,11 @@ def _kill_leftover_jobs(root: Path) -> None:
             cmd = proc.info["cmdline"] or []
             if "cumulus_jupyter.worker" in cmd and any(str(root) in c for c in cmd):
                 proc.kill()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item, so fixtures can see a failure."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

@@ -318,3 +318,41 @@ def fill_the_disk(chunk_kb=64):
     line = "x" * 1023 + "\n"
     while True:
         print(line * chunk_kb, end="", flush=True)
+
+
+def train_until_released(release_path, every_steps=3, step_seconds=0.05):
+    """Train, report progress and checkpoint every few steps until ``release_path`` exists.
+
+    Pauses cooperatively; after a resume it continues from its checkpoint and
+    finishes once released (at least one step after the resume). Returns the
+    step it resumed at and the step it finished at.
+    """
+    import os
+    import time
+
+    import torch
+
+    from cumulus_jupyter.runtime import report
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    ckpt = Checkpointer()
+    start = ckpt.load(model, opt)["step"] + 1 if ckpt.exists() else 0
+    step = start
+    while True:
+        loss = model(torch.randn(8, 16)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        report(step=step, total=1000, loss=loss.item())
+        print(f"step {step} loss {loss.item():.4f}", flush=True)
+        if should_pause():
+            ckpt.save(model, opt, 0, step)
+            return {"status": "paused", "step": step}
+        if step % every_steps == every_steps - 1:
+            ckpt.save(model, opt, 0, step)
+        if step > start and os.path.exists(release_path):
+            return {"status": "completed", "resumed_at": start, "finished_at": step}
+        step += 1
+        time.sleep(step_seconds)

@@ -1,0 +1,284 @@
+/**
+ * The panel's view of the job server: one poll that keeps the job list, the
+ * GPU shares, each job's latest `report()` and the open job's details fresh.
+ */
+import { Poll } from '@lumino/polling';
+import { ISignal, Signal } from '@lumino/signaling';
+import { IDisposable } from '@lumino/disposable';
+
+import {
+  ACTIVE,
+  ICheckpoint,
+  IGpu,
+  IJob,
+  ILogChunk,
+  IMetrics,
+  jobPath,
+  requestAPI
+} from './api';
+
+/** How much of the open job's log the panel keeps. */
+const LOG_TAIL_BYTES = 16 * 1024;
+
+/** Poll timing: every 2 s, backing off to 30 s while the server fails. */
+export const POLL_INTERVAL = 2000;
+const POLL_MAX = 30 * 1000;
+
+/** The details of the job opened in the panel. */
+export interface IJobDetail {
+  id: string;
+  checkpoints: ICheckpoint[];
+  log: string;
+  logOffset: number;
+}
+
+export namespace JobsModel {
+  export interface IOptions {
+    /** Whether anyone can see the panel; the poll stands by while not. */
+    isVisible: () => boolean;
+  }
+}
+
+export class JobsModel implements IDisposable {
+  constructor(options: JobsModel.IOptions) {
+    this._isVisible = options.isVisible;
+    this._poll = new Poll({
+      auto: false,
+      factory: () => this._update(),
+      frequency: { interval: POLL_INTERVAL, backoff: true, max: POLL_MAX },
+      name: 'cumulus-jupyter:jobs',
+      // Stop polling while the panel is collapsed, and while the browser tab
+      // is hidden.
+      standby: () => (this._isVisible() ? 'when-hidden' : true)
+    });
+  }
+
+  /** Emitted after every update, successful or not. */
+  get changed(): ISignal<this, void> {
+    return this._changed;
+  }
+
+  /** Every job of the server, oldest first. */
+  get jobs(): readonly IJob[] {
+    return this._jobs;
+  }
+
+  /** Each device's shares. */
+  get gpus(): readonly IGpu[] {
+    return this._gpus;
+  }
+
+  /** Why the last update failed, or `null`. */
+  get error(): string | null {
+    return this._error;
+  }
+
+  /** Whether the job list has been fetched at least once. */
+  get loaded(): boolean {
+    return this._loaded;
+  }
+
+  /** The opened job's checkpoints and log tail, once fetched. */
+  get detail(): IJobDetail | null {
+    return this._detail && this._detail.id === this._selected
+      ? this._detail
+      : null;
+  }
+
+  /** The id of the job opened in the panel, or `null`. */
+  get selected(): string | null {
+    return this._selected;
+  }
+
+  /** Everything a job has reported so far, merged: the latest value of each key. */
+  metrics(id: string): IMetrics | undefined {
+    return this._metrics.get(id)?.latest;
+  }
+
+  get isDisposed(): boolean {
+    return this._poll.isDisposed;
+  }
+
+  /** Start polling (the first update runs at once). */
+  start(): Promise<void> {
+    return this._poll.start();
+  }
+
+  /** Update now, and wait for it. */
+  async refresh(): Promise<void> {
+    await this._poll.refresh();
+    await this._poll.tick;
+  }
+
+  /** Open a job's details (or close them with `null`). */
+  select(id: string | null): void {
+    if (id === this._selected) {
+      return;
+    }
+    this._selected = id;
+    this._detail = null;
+    this._changed.emit();
+    void this.refresh();
+  }
+
+  /** Ask the server to pause, resume or cancel a job; update when it answers. */
+  async act(
+    id: string,
+    action: 'pause' | 'resume' | 'cancel',
+    body: { [key: string]: unknown } = {}
+  ): Promise<IJob> {
+    const job = await requestAPI<IJob>(jobPath(id, action), {
+      method: 'POST',
+      body: JSON.stringify(body)
+    });
+    this._replace(job);
+    void this.refresh();
+    return job;
+  }
+
+  /** Delete one of a job's checkpoints. */
+  async deleteCheckpoint(id: string, name: string): Promise<void> {
+    await requestAPI<void>(jobPath(id, 'checkpoints', name), {
+      method: 'DELETE'
+    });
+    if (this._detail && this._detail.id === id) {
+      this._detail = {
+        ...this._detail,
+        checkpoints: this._detail.checkpoints.filter(c => c.name !== name)
+      };
+      this._changed.emit();
+    }
+    void this.refresh();
+  }
+
+  dispose(): void {
+    if (this.isDisposed) {
+      return;
+    }
+    this._poll.dispose();
+    Signal.clearData(this);
+  }
+
+  private async _update(): Promise<void> {
+    try {
+      const { jobs, gpus } = await requestAPI<{ jobs: IJob[]; gpus: IGpu[] }>(
+        'jobs'
+      );
+      const known = new Set(jobs.map(j => j.id));
+      for (const id of this._metrics.keys()) {
+        if (!known.has(id)) {
+          this._metrics.delete(id);
+        }
+      }
+      // A finished job's metrics are fetched once; an active job's at every
+      // update, from where the last update stopped.
+      await Promise.all(
+        jobs
+          .filter(j => ACTIVE.has(j.state) || !this._metrics.has(j.id))
+          .map(j => this._fetchMetrics(j.id))
+      );
+      const selected = this._selected;
+      if (selected !== null && known.has(selected)) {
+        await this._fetchDetail(selected);
+      }
+      this._jobs = jobs;
+      this._gpus = gpus;
+      this._error = null;
+      this._loaded = true;
+    } catch (error) {
+      this._error = (error as Error).message ?? String(error);
+      // Rejecting makes the poll back off until the server answers again.
+      throw error;
+    } finally {
+      this._changed.emit();
+    }
+  }
+
+  private async _fetchMetrics(id: string): Promise<void> {
+    const seen = this._metrics.get(id) ?? { next: 0, latest: undefined };
+    const answer = await requestAPI<{ metrics: IMetrics[]; next: number }>(
+      jobPath(id, 'metrics'),
+      {},
+      { since: seen.next }
+    );
+    let latest = seen.latest;
+    for (const record of answer.metrics) {
+      latest = { ...latest, ...record };
+    }
+    this._metrics.set(id, { next: answer.next, latest });
+  }
+
+  private async _fetchDetail(id: string): Promise<void> {
+    const { checkpoints } = await requestAPI<{ checkpoints: ICheckpoint[] }>(
+      jobPath(id, 'checkpoints')
+    );
+    const previous =
+      this._detail && this._detail.id === id ? this._detail : null;
+    let offset = previous?.logOffset;
+    if (offset === undefined) {
+      // First look at this job: start near the end of its log.
+      const probe = await requestAPI<ILogChunk>(
+        jobPath(id, 'logs'),
+        {},
+        { offset: Number.MAX_SAFE_INTEGER }
+      );
+      offset = Math.max(0, probe.size - LOG_TAIL_BYTES);
+    }
+    const chunk = await requestAPI<ILogChunk>(
+      jobPath(id, 'logs'),
+      {},
+      { offset }
+    );
+    if (this._selected !== id) {
+      return; // another job was opened meanwhile
+    }
+    // Only a first read that starts inside the log begins mid-line.
+    const atLineStart = previous !== null || offset === 0;
+    const log = trimLog((previous?.log ?? '') + chunk.data, atLineStart);
+    this._detail = { id, checkpoints, log, logOffset: chunk.next_offset };
+  }
+
+  private _replace(job: IJob): void {
+    this._jobs = this._jobs.map(j => (j.id === job.id ? { ...j, ...job } : j));
+    this._changed.emit();
+  }
+
+  private _changed = new Signal<this, void>(this);
+  private _detail: IJobDetail | null = null;
+  private _error: string | null = null;
+  private _gpus: IGpu[] = [];
+  private _isVisible: () => boolean;
+  private _jobs: IJob[] = [];
+  private _loaded = false;
+  private _metrics = new Map<
+    string,
+    { next: number; latest: IMetrics | undefined }
+  >();
+  private _poll: Poll;
+  private _selected: string | null = null;
+}
+
+/**
+ * Keep the last `LOG_TAIL_BYTES` of a log, cut at a line start, and render
+ * carriage-return redraws (progress bars) as their final state.
+ */
+export function trimLog(text: string, atLineStart: boolean): string {
+  let out = text;
+  if (out.length > LOG_TAIL_BYTES) {
+    out = out.slice(out.length - LOG_TAIL_BYTES);
+    atLineStart = false;
+  }
+  if (!atLineStart) {
+    const newline = out.indexOf('\n');
+    if (newline >= 0 && newline < out.length - 1) {
+      out = out.slice(newline + 1);
+    }
+  }
+  return out
+    .split('\n')
+    .map(line => {
+      const parts = line.split('\r').filter(p => p.length > 0);
+      return parts.length ? parts[parts.length - 1] : '';
+    })
+    .join('\n');
+}

@@ -1,0 +1,189 @@
+"""A real ``jupyter lab`` with the cumulus extension, and Debian's Chromium.
+
+Shared by the browser tests (tests/test_lab.py) and docs/screenshots.py.
+Nothing is downloaded: the browser is ``/usr/bin/chromium`` (or ``$CHROMIUM``)
+driven by Playwright, and JupyterLab is told not to fetch news or updates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from servers import free_port, wait_until
+
+BIN = Path(sys.executable).parent
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+#: The status bar's kernel item once a kernel is connected and idle.
+KERNEL_IDLE = re.compile(r"^(?!No Kernel).+ \| Idle$")
+LIVE_STATES = {"queued", "running", "pausing", "paused", "timed_out", "lost"}
+
+
+def write_lab_settings(settings_dir: Path) -> None:
+    """No news or update checks (no network), and no pop-ups over the page."""
+    files = {
+        "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
+            "fetchNews": "false",
+            "checkForUpdates": False,
+        },
+    }
+    for name, value in files.items():
+        path = settings_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value))
+
+
+class Lab:
+    """A ``jupyter lab`` subprocess with the cumulus extension, on 127.0.0.1."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.root = base / "root"
+        self.root.mkdir()
+        self.port = free_port()
+        self.token = secrets.token_hex(16)
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log_path = base / "lab.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Lab:
+        settings = self.base / "lab-settings"
+        write_lab_settings(settings)
+        argv = [
+            str(BIN / "jupyter"),
+            "lab",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={self.port}",
+            "--ServerApp.port_retries=0",
+            "--ServerApp.open_browser=False",
+            f"--ServerApp.root_dir={self.root}",
+            f"--IdentityProvider.token={self.token}",
+            f"--CumulusApp.job_root={self.base / 'jobs'}",
+            "--CumulusApp.gpus=[]",
+            "--LabApp.news_url=None",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            "--LabApp.extension_manager=readonly",
+            f"--LabApp.user_settings_dir={settings}",
+            f"--LabApp.workspaces_dir={self.base / 'workspaces'}",
+        ]
+        if os.geteuid() == 0:
+            argv.append("--allow-root")
+        env = dict(os.environ)
+        env["JUPYTER_RUNTIME_DIR"] = str(self.base / "runtime")
+        env["JUPYTER_CONFIG_DIR"] = str(self.base / "config")
+        env["JUPYTER_DATA_DIR"] = str(self.base / "data")
+        env["IPYTHONDIR"] = str(self.base / "ipython")
+        env.pop("CUMULUS_SERVER_URL", None)
+        env.pop("CUMULUS_TOKEN", None)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root
+            )
+        wait_until(self._ready, timeout=90, what=f"jupyter lab on port {self.port}")
+        return self
+
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        """Call the server with the token (``path`` is relative to the base URL)."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Authorization", f"token {self.token}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            raw = r.read()
+        return json.loads(raw) if raw else None
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.api("GET", f"cumulus/api/jobs/{job_id}")
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"jupyter lab exited:\n{self.log_tail()}")
+        try:
+            self.api("GET", "cumulus/api/jobs")
+            self.api("GET", "lab/api/settings")
+        except OSError:
+            return False
+        return True
+
+    def log_tail(self, n: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:]
+
+    def cancel_jobs(self) -> None:
+        """Cancel every job that may still have a process, and wait until none does."""
+
+        def left() -> list[dict[str, Any]]:
+            jobs = self.api("GET", "cumulus/api/jobs")["jobs"]
+            return [j for j in jobs if j["state"] in LIVE_STATES]
+
+        for job in left():
+            with contextlib.suppress(OSError):  # a job that stopped meanwhile: 409
+                self.api("POST", f"cumulus/api/jobs/{job['id']}/cancel", {})
+        wait_until(lambda: not left(), timeout=60, what="the jobs to stop")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+@contextlib.contextmanager
+def running_lab(base: Path) -> Iterator[Lab]:
+    """A started :class:`Lab`; its jobs are cancelled and it is stopped on exit."""
+    lab = Lab(base)
+    try:
+        yield lab.start()
+    except BaseException:
+        print(f"--- jupyter lab log ---\n{lab.log_tail()}", file=sys.stderr)
+        raise
+    finally:
+        try:
+            if lab.proc is not None:
+                lab.cancel_jobs()
+        finally:
+            lab.stop()
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[Any]:
+    """Headless Debian Chromium under Playwright (no browser download)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def settled(page: Any) -> None:
+    """Wait until what the page last changed has been painted."""
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")

@@ -1,0 +1,338 @@
+"""The JupyterLab panel and the notebook widget in a real browser.
+
+A real ``jupyter lab`` with the extension installed the way ``pip install``
+installs it, on 127.0.0.1, and Debian's Chromium driven by Playwright. Jobs
+are started through the SDK (or a notebook cell) and controlled from the page;
+the server's own records say whether each click did what it should.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+from pathlib import Path
+
+import jobfuncs
+import nbformat
+import pytest
+from browser import BIN, CHROMIUM, KERNEL_IDLE, chromium, running_lab
+from servers import wait_until
+
+from cumulus_jupyter import CumulusClient
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+expect = playwright_api.expect
+
+POLL_SECONDS = 2  # the panel's poll interval (labextension/src/model.ts)
+
+
+@pytest.fixture(autouse=True)
+def jp_asyncio_loop():
+    """A private loop for pytest-jupyter's per-test cleanup.
+
+    Playwright's sync API keeps its own loop running on this thread while the
+    browser is open; pytest-jupyter would otherwise pick that one up and
+    close it. These tests run no in-process server.
+    """
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(autouse=True)
+def jp_server_cleanup():
+    """Nothing to clean: these tests start ``jupyter lab`` as a subprocess."""
+    yield
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(
+            f"no Chromium at {CHROMIUM}: install Debian's (apt-get install chromium) "
+            "or point $CHROMIUM at one; ./dev.sh test installs it"
+        )
+    with running_lab(tmp_path_factory.mktemp("lab")) as lab:
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def browser(lab):
+    with chromium() as browser:
+        yield browser
+
+
+@pytest.fixture
+def page(browser, lab, request, tmp_path):
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    expect.set_options(timeout=30_000)
+    yield page
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        shot = tmp_path / "failure.png"
+        page.screenshot(path=str(shot))
+        (tmp_path / "failure.html").write_text(page.content())
+        print(f"the page at the failure: {shot} (and failure.html)")
+    context.close()
+
+
+@pytest.fixture
+def client(lab):
+    return CumulusClient(lab.url, token=lab.token)
+
+
+def open_lab(page, lab, reset=True):
+    query = "reset&" if reset else ""
+    page.goto(f"{lab.url}lab?{query}token={lab.token}")
+    page.locator("#jp-main-dock-panel").wait_for()
+    page.locator(".jp-SideBar .lm-TabBar-tab").first.wait_for()
+
+
+def open_panel(page):
+    tab = page.locator('.jp-SideBar .lm-TabBar-tab[data-id="cumulus-jobs"]')
+    if "lm-mod-current" not in (tab.get_attribute("class") or ""):
+        tab.click()
+    panel = page.locator("#cumulus-jobs")
+    expect(panel).to_be_visible()
+    return panel
+
+
+def job_row(page, job_id):
+    return page.locator(f'li.jp-CumulusJob[data-job-id="{job_id}"]')
+
+
+def button(row, label):
+    return row.locator(".jp-CumulusJob-actions button", has_text=re.compile(f"^{label}$"))
+
+
+def release_file(lab, name):
+    return lab.base / f"release-{name}"
+
+
+def start_training(client, lab, name):
+    release = release_file(lab, name)
+    job = client.run_async(jobfuncs.train_until_released, (str(release),), name=name)
+    return job, release
+
+
+def wait_state(lab, job_id, *states, timeout=60):
+    wait_until(
+        lambda: lab.job(job_id)["state"] in states,
+        timeout=timeout,
+        what=f"job {job_id} to be {' or '.join(states)}",
+    )
+
+
+def test_labextension_is_installed_and_enabled():
+    out = subprocess.run(
+        [str(BIN / "jupyter"), "labextension", "list"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    listing = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout + out.stderr)  # colours
+    assert re.search(r"cumulus-jupyter v\S+ enabled\s+OK", listing), listing
+
+
+def test_the_command_palette_opens_the_panel(page, lab):
+    open_lab(page, lab)
+    expect(page.locator("#cumulus-jobs")).to_be_hidden()
+    page.keyboard.press("Control+Shift+c")
+    palette = page.locator(".jp-ModalCommandPalette input")
+    palette.fill("Cumulus Jobs Panel")
+    page.locator(
+        ".jp-ModalCommandPalette .lm-CommandPalette-item", has_text="Open the Cumulus"
+    ).click()
+    expect(page.locator("#cumulus-jobs")).to_be_visible()
+    expect(page.locator("#cumulus-jobs h2")).to_have_text("Cumulus jobs")
+
+
+def test_pause_resume_and_completion_from_the_panel(page, lab, client):
+    open_lab(page, lab)
+    panel = open_panel(page)
+    job, release = start_training(client, lab, "panel-train")
+
+    row = job_row(page, job.id)
+    expect(row).to_have_attribute("data-state", "running")
+    expect(row.locator(".jp-CumulusJob-name")).to_have_text("panel-train")
+    # Progress from report(step=..., total=1000).
+    expect(row.locator(".jp-CumulusJob-progress")).to_contain_text(re.compile(r"\d+ / 1000"))
+    # The device's share and who holds it.
+    expect(panel.locator(".jp-CumulusPanel-gpu")).to_contain_text(f"panel-train ({job.id[:6]})")
+    expect(button(row, "Resume")).to_be_disabled()
+
+    button(row, "Pause").click()
+    expect(row).to_have_attribute("data-state", "paused", timeout=60_000)
+    assert lab.job(job.id)["state"] == "paused"
+    expect(button(row, "Pause")).to_be_disabled()
+    expect(button(row, "Resume")).to_be_enabled()
+
+    # Its checkpoints, log and metrics in the detail view.
+    row.locator(".jp-CumulusJob-summary").click()
+    checkpoints = row.locator("li[data-checkpoint]")
+    expect(checkpoints.first).to_be_visible()
+    saved = job.get_checkpoints()
+    assert checkpoints.first.get_attribute("data-checkpoint") == saved[-1]["name"]
+    expect(checkpoints.first).to_contain_text("latest")
+    expect(row.locator(".jp-CumulusJob-log")).to_contain_text(re.compile(r"step \d+ loss"))
+    expect(row.locator(".jp-CumulusJob-metrics")).to_contain_text("loss")
+    # The checkpoint the paused job resumes from cannot be deleted.
+    expect(checkpoints.first.locator("button", has_text="Delete")).to_be_disabled()
+
+    button(row, "Resume").click()
+    expect(row).to_have_attribute("data-state", re.compile("queued|running"))
+    wait_state(lab, job.id, "running")
+    release.touch()
+    expect(row).to_have_attribute("data-state", "completed", timeout=60_000)
+    result = job.result(timeout=30)
+    assert result["status"] == "completed"
+    assert result["resumed_at"] == saved[-1]["step"] + 1  # exactly where it paused
+    for label in ("Pause", "Resume", "Cancel"):
+        expect(button(row, label)).to_be_disabled()
+
+
+def paused_job_with_checkpoints(client, lab, name, count=3):
+    """A job paused through the SDK after it saved at least ``count`` checkpoints."""
+    job, _ = start_training(client, lab, name)
+    wait_until(lambda: len(job.get_checkpoints()) >= count, timeout=60, what=f"{count} checkpoints")
+    job.pause()
+    wait_state(lab, job.id, "paused")
+    return job
+
+
+def test_checkpoints_resume_delete_and_cancel_from_the_panel(page, lab, client):
+    job = paused_job_with_checkpoints(client, lab, "panel-ckpt")
+    saved = job.get_checkpoints()
+    oldest, middle = saved[0], saved[1]
+    open_lab(page, lab)
+    open_panel(page)
+    row = job_row(page, job.id)
+    expect(row).to_have_attribute("data-state", "paused")
+    row.locator(".jp-CumulusJob-summary").click()
+    rows = row.locator("li[data-checkpoint]")
+    expect(rows).to_have_count(len(saved))
+
+    # The server's refusal reaches the user as its own message: the checkpoint
+    # goes away (deleted elsewhere) while the user confirms its deletion.
+    doomed = row.locator(f'li[data-checkpoint="{middle["name"]}"]')
+    doomed.locator("button", has_text="Delete").click()
+    dialog = page.locator(".jp-Dialog")
+    expect(dialog).to_contain_text(f"Delete {middle['name']}?")
+    lab.api("DELETE", f"cumulus/api/jobs/{job.id}/checkpoints/{middle['name']}")
+    dialog.locator("button", has_text="Delete").click()
+    expect(page.locator(".jp-Dialog")).to_contain_text(f"Cannot delete {middle['name']}")
+    expect(page.locator(".jp-Dialog")).to_contain_text(f"has no checkpoint '{middle['name']}'")
+    page.locator(".jp-Dialog button", has_text="Close").click()
+    expect(rows).to_have_count(len(saved) - 1)
+
+    # Resume from the oldest checkpoint.
+    target = row.locator(f'li[data-checkpoint="{oldest["name"]}"]')
+    target.locator("button", has_text=re.compile("^Resume$")).click()
+    expect(row).to_have_attribute("data-state", re.compile("queued|running"))
+    record = lab.job(job.id)
+    assert record["resume_checkpoint"] == oldest["name"]
+    wait_state(lab, job.id, "running")
+    wait_until(
+        lambda: f"step {oldest['step'] + 1} loss" in job.logs(),
+        timeout=60,
+        what="the resumed run's first step",
+    )
+
+    # Cancel asks first; "Keep running" keeps it running.
+    button(row, "Cancel").click()
+    page.locator(".jp-Dialog button", has_text="Keep running").click()
+    expect(page.locator(".jp-Dialog")).to_have_count(0)
+    assert lab.job(job.id)["state"] == "running"
+    button(row, "Cancel").click()
+    page.locator(".jp-Dialog button", has_text="Cancel job").click()
+    expect(row).to_have_attribute("data-state", "cancelled", timeout=60_000)
+    assert lab.job(job.id)["state"] == "cancelled"
+
+
+def is_poll(request):
+    """The panel's job-list request (``jobs`` plus ServerConnection's cache-buster)."""
+    return re.search(r"/cumulus/api/jobs(\?\d*)?$", request.url) is not None
+
+
+def test_the_panel_stops_polling_while_hidden_and_comes_back_with_the_layout(page, lab):
+    open_lab(page, lab)
+    with page.expect_request(is_poll, timeout=10_000):
+        open_panel(page)
+    with page.expect_request(is_poll, timeout=10_000):
+        pass  # and again, on its own
+
+    polls = []
+    page.on("request", lambda r: polls.append(r.url) if is_poll(r) else None)
+    page.locator('.jp-SideBar .lm-TabBar-tab[data-id="filebrowser"]').click()
+    expect(page.locator("#cumulus-jobs")).to_be_hidden()
+    # Observation windows, not synchronisation (and they keep Playwright's
+    # events flowing): one interval for a request already on its way, then
+    # two more in which a running poll would ask at least once.
+    page.wait_for_timeout(POLL_SECONDS * 1000)
+    before = len(polls)
+    page.wait_for_timeout(2 * POLL_SECONDS * 1000)
+    assert len(polls) == before, "the hidden panel kept polling"
+
+    # Shown again, it asks at once rather than at its next interval; and the
+    # layout is saved with the panel open.
+    saved = page.expect_request(lambda r: "/lab/api/workspaces" in r.url and r.method == "PUT")
+    with saved, page.expect_request(is_poll, timeout=POLL_SECONDS * 1000):
+        open_panel(page)
+
+    # A new visit restores the panel with the layout.
+    open_lab(page, lab, reset=False)
+    expect(page.locator("#cumulus-jobs")).to_be_visible()
+
+
+WIDGET_CELL = """\
+import time
+from cumulus_jupyter import CumulusClient
+from cumulus_jupyter.runtime import Checkpointer, should_pause
+
+
+def train():
+    import torch
+    model = torch.nn.Linear(4, 1)
+    ckpt = Checkpointer()
+    step = ckpt.load(model)["step"] + 1 if ckpt.exists() else 0
+    while True:
+        if should_pause():
+            ckpt.save(model, None, 0, step)
+            return "paused"
+        step += 1
+        time.sleep(0.05)
+
+
+job = CumulusClient().run_async(train, name="widget-job")
+job"""
+
+
+def test_a_notebook_job_widget_renders_and_pauses_in_the_browser(page, lab):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)"}
+    nb.cells = [nbformat.v4.new_code_cell(WIDGET_CELL)]
+    nbformat.write(nb, lab.root / "widget.ipynb")
+    before = {j["id"] for j in lab.api("GET", "cumulus/api/jobs")["jobs"]}
+
+    page.goto(f"{lab.url}lab/tree/widget.ipynb?reset&token={lab.token}")
+    page.locator(".jp-Notebook .jp-Cell").first.wait_for()
+    page.locator(".jp-StatusBar-TextItem", has_text=KERNEL_IDLE).wait_for(timeout=60_000)
+    page.locator(".jp-Notebook .jp-Cell").first.click()
+    page.keyboard.press("Shift+Enter")
+
+    output = page.locator(".jp-Notebook .jp-OutputArea").first
+    expect(output.locator(".widget-html-content", has_text="widget-job").first).to_be_visible(
+        timeout=60_000
+    )
+    expect(output.locator("span", has_text=re.compile("^running$")).first).to_be_visible()
+    [job_id] = [
+        j["id"] for j in lab.api("GET", "cumulus/api/jobs")["jobs"] if j["id"] not in before
+    ]
+
+    output.locator("button", has_text=re.compile("Pause")).click()
+    wait_state(lab, job_id, "paused")
+    expect(output.locator("span", has_text=re.compile("^paused$")).first).to_be_visible()
+    assert lab.api("GET", f"cumulus/api/jobs/{job_id}/checkpoints")["checkpoints"]
