@@ -1,13 +1,16 @@
-"""Make ``docs/screenshot-notebook.png``: the widgets in a real JupyterLab.
+"""Make the README's screenshots in a real JupyterLab, in headless Chromium.
 
-Starts ``jupyter lab`` on a free port of 127.0.0.1 with a fresh root and job
-root, writes a notebook that trains a small model as a ``%%cumulus`` job and
-pauses a second job after a few checkpoints, runs it in headless Chromium
-(Playwright), waits until the job's widget shows a live chart and the
-checkpoint browser lists its rows, and takes the screenshot. Then it cancels
-every job, closes the browser and stops the server.
+``docs/screenshot-notebook.png``: a notebook that trains a small model as a
+``%%cumulus`` job, with its live widget, and a paused job's checkpoint
+browser. ``docs/screenshot-panel.png``: the "Cumulus jobs" side panel with a
+running, a paused (opened: checkpoints, log, metrics), a finished and a
+failed job, on a host configured with two GPU slots.
 
-    .venv/bin/python docs/screenshots.py [OUTPUT.png]
+Each starts ``jupyter lab`` on a free port of 127.0.0.1 with a fresh root and
+job root, waits for what it shows, takes the screenshot, then cancels every
+job and stops the server.
+
+    .venv/bin/python docs/screenshots.py [notebook|panel ...]
 
 Needs playwright (the Python package) and a Chromium: ``/usr/bin/chromium``,
 or the one ``$CHROMIUM`` names. No browser is downloaded.
@@ -16,29 +19,23 @@ or the one ``$CHROMIUM`` names. No browser is downloaded.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import re
-import secrets
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import nbformat
-from playwright.sync_api import Page, sync_playwright
 
-# The same free-port and polling helpers the tests use.
+# The same server, browser and polling helpers the tests use.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from servers import free_port, wait_until
+from browser import KERNEL_IDLE, Lab, chromium, running_lab, settled
+from servers import wait_until
+
+from cumulus_jupyter import CumulusClient
 
 HERE = Path(__file__).resolve().parent
-BIN = Path(sys.executable).parent
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 VIEWPORT = {"width": 1400, "height": 1200}
 NOTEBOOK = "cumulus-demo.ipynb"
 TOTAL_STEPS = 3000  # the shown job must still be running at the screenshot
@@ -148,146 +145,27 @@ def write_notebook(path: Path) -> None:
     nbformat.write(nb, path)
 
 
-# -- the server ----------------------------------------------------------------
-
-
-def write_lab_settings(settings_dir: Path) -> None:
-    """No news or update checks (no network), and no pop-ups over the notebook."""
-    files = {
-        "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
-            "fetchNews": "false",
-            "checkForUpdates": False,
-        },
-    }
-    for name, value in files.items():
-        path = settings_dir / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(value))
-
-
-class Lab:
-    """A ``jupyter lab`` subprocess with the cumulus extension, on 127.0.0.1."""
-
-    def __init__(self, base: Path):
-        self.base = base
-        self.root = base / "root"
-        self.root.mkdir()
-        self.port = free_port()
-        self.token = secrets.token_hex(16)
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.log_path = base / "lab.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Lab:
-        settings = self.base / "lab-settings"
-        write_lab_settings(settings)
-        argv = [
-            str(BIN / "jupyter"),
-            "lab",
-            "--ServerApp.ip=127.0.0.1",
-            f"--ServerApp.port={self.port}",
-            "--ServerApp.port_retries=0",
-            "--ServerApp.open_browser=False",
-            f"--ServerApp.root_dir={self.root}",
-            f"--IdentityProvider.token={self.token}",
-            f"--CumulusApp.job_root={self.base / 'jobs'}",
-            "--CumulusApp.gpus=[]",
-            "--LabApp.news_url=None",
-            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-            "--LabApp.extension_manager=readonly",
-            f"--LabApp.user_settings_dir={settings}",
-            f"--LabApp.workspaces_dir={self.base / 'workspaces'}",
-        ]
-        if os.geteuid() == 0:
-            argv.append("--allow-root")
-        env = dict(os.environ)
-        env["JUPYTER_RUNTIME_DIR"] = str(self.base / "runtime")
-        env["JUPYTER_CONFIG_DIR"] = str(self.base / "config")
-        env["JUPYTER_DATA_DIR"] = str(self.base / "data")
-        env["IPYTHONDIR"] = str(self.base / "ipython")
-        env.pop("CUMULUS_SERVER_URL", None)
-        env.pop("CUMULUS_TOKEN", None)
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root
-            )
-        wait_until(self._ready, timeout=90, what=f"jupyter lab on port {self.port}")
-        return self
-
-    def api(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        req.add_header("Authorization", f"token {self.token}")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(req, timeout=10) as r:
-            raw = r.read()
-        return json.loads(raw) if raw else None
-
-    def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"jupyter lab exited:\n{self.log_tail()}")
-        try:
-            self.api("GET", "cumulus/api/jobs")
-            self.api("GET", "lab/api/settings")
-        except OSError:
-            return False
-        return True
-
-    def log_tail(self, n: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:]
-
-    def cancel_jobs(self) -> None:
-        """Cancel every job that may still have a process, and wait until none does."""
-        live = {"queued", "running", "pausing", "paused", "timed_out", "lost"}
-
-        def left() -> list[dict[str, Any]]:
-            jobs = self.api("GET", "cumulus/api/jobs")["jobs"]
-            return [j for j in jobs if j["state"] in live]
-
-        for job in left():
-            with contextlib.suppress(OSError):  # a job that stopped meanwhile: 409
-                self.api("POST", f"cumulus/api/jobs/{job['id']}/cancel", {})
-        wait_until(lambda: not left(), timeout=60, what="the jobs to stop")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-
 # -- the browser ---------------------------------------------------------------
 
 
-def run_all(page: Page) -> None:
+def run_all(page: Any) -> None:
     page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
     page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
 
 
-KERNEL_IDLE = re.compile(r"^(?!No Kernel).+ \| Idle$")  # the status bar's kernel item
-
-
-def all_cells_ran(page: Page) -> bool:
+def all_cells_ran(page: Any) -> bool:
     prompts = page.locator(".jp-Notebook .jp-Cell .jp-InputArea-prompt").all_inner_texts()
     return bool(prompts) and all(re.fullmatch(r"\[\d+\]:", p.strip()) for p in prompts)
 
 
-def progress_step(page: Page) -> int:
+def progress_step(page: Any) -> int:
     text = page.locator(".widget-html-content", has_text=re.compile(r"^step \d+ / \d+$"))
     if text.count() == 0:
         return 0
     return int(text.first.inner_text().split()[1])
 
 
-def check_no_errors(page: Page) -> None:
+def check_no_errors(page: Any) -> None:
     errors = page.locator(
         '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"],'
         " .jp-OutputArea-output.jp-RenderedText[data-mime-type*='error']"
@@ -297,85 +175,158 @@ def check_no_errors(page: Page) -> None:
         raise RuntimeError(f"the notebook printed errors:\n{texts}")
 
 
-def screenshot(lab: Lab, out: Path) -> None:
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
+@contextlib.contextmanager
+def new_page(browser: Any) -> Any:
+    page = browser.new_page(viewport=VIEWPORT)
+    page.set_default_timeout(60_000)
+    try:
+        yield page
+    except BaseException:
+        failed = Path(tempfile.gettempdir()) / "cumulus-screenshot-failed.png"
+        with contextlib.suppress(Exception):
+            page.screenshot(path=str(failed))
+            print(f"the page at the failure: {failed}", file=sys.stderr)
+        raise
+    finally:
+        page.close()
+
+
+def notebook_screenshot(lab: Lab, out: Path) -> None:
+    write_notebook(lab.root / NOTEBOOK)
+    with chromium() as browser, new_page(browser) as page:
+        page.goto(f"{lab.url}lab/tree/{NOTEBOOK}?reset&token={lab.token}")
+        page.locator(".jp-Notebook .jp-Cell").first.wait_for()
+        # The kernel is connected (the toolbar's indicator says idle before that).
+        page.locator(".jp-StatusBar-TextItem", has_text=KERNEL_IDLE).wait_for()
+        page.keyboard.press("Control+b")  # hide the file browser: room for the notebook
+        run_all(page)
+        wait_until(lambda: all_cells_ran(page), timeout=180, what="every cell to run")
+        check_no_errors(page)
+
+        rows = page.locator(".cumulus-checkpoints select option")
+        wait_until(lambda: rows.count() >= 5, timeout=30, what="the checkpoint browser's rows")
+        running = page.locator(".widget-html-content span", has_text=re.compile("^running$"))
+        running.first.wait_for()
+        page.locator(".jp-OutputArea svg polyline").first.wait_for()
+        wait_until(lambda: progress_step(page) >= 300, timeout=120, what="the chart to fill")
+
+        # No cell highlighted in view: make the first one active (command mode).
+        page.keyboard.press("Escape")
+        for _ in range(3):
+            page.keyboard.press("k")
+        # The training cell at the top; its widget and the browser below it.
+        page.locator(".jp-Notebook .jp-Cell").nth(2).evaluate(
+            "el => el.scrollIntoView({block: 'start'})"
         )
-        try:
-            page = browser.new_page(viewport=VIEWPORT)
-            page.set_default_timeout(60_000)
-            page.goto(f"{lab.url}lab/tree/{NOTEBOOK}?reset&token={lab.token}")
-            page.locator(".jp-Notebook .jp-Cell").first.wait_for()
-            # The kernel is connected (the toolbar's indicator says idle before that).
-            kernel_idle = page.locator(".jp-StatusBar-TextItem", has_text=KERNEL_IDLE)
-            kernel_idle.wait_for()
-            page.keyboard.press("Control+b")  # hide the file browser: room for the notebook
-            run_all(page)
-            wait_until(lambda: all_cells_ran(page), timeout=180, what="every cell to run")
-            check_no_errors(page)
+        page.mouse.move(0, 0)
+        settled(page)  # the scroll is painted
+        page.screenshot(path=str(out), full_page=True)
 
-            rows = page.locator(".cumulus-checkpoints select option")
-            wait_until(lambda: rows.count() >= 5, timeout=30, what="the checkpoint browser's rows")
-            running = page.locator(".widget-html-content span", has_text=re.compile("^running$"))
-            running.first.wait_for()
-            page.locator(".jp-OutputArea svg polyline").first.wait_for()
-            wait_until(lambda: progress_step(page) >= 300, timeout=120, what="the chart to fill")
 
-            # No cell highlighted in view: make the first one active (command mode).
-            page.keyboard.press("Escape")
-            for _ in range(3):
-                page.keyboard.press("k")
-            # The training cell at the top; its widget and the browser below it.
-            page.locator(".jp-Notebook .jp-Cell").nth(2).evaluate(
-                "el => el.scrollIntoView({block: 'start'})"
-            )
-            page.mouse.move(0, 0)
-            settled = (
-                "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
-            )
-            page.evaluate(settled)  # the scroll is painted
-            page.screenshot(path=str(out), full_page=True)
-        except BaseException:
-            failed = Path(tempfile.gettempdir()) / "cumulus-screenshot-failed.png"
-            with contextlib.suppress(Exception):
-                page.screenshot(path=str(failed))
-                print(f"the page at the failure: {failed}", file=sys.stderr)
-            raise
-        finally:
-            browser.close()
+# -- the panel -------------------------------------------------------------------
+
+
+def train(steps: int, fail_at: int | None = None) -> dict[str, Any]:
+    """A small regression, checkpointed every 25 steps, that reports loss and accuracy."""
+    import time
+
+    import torch
+
+    from cumulus_jupyter.runtime import Checkpointer, report, should_pause
+
+    torch.manual_seed(0)
+    model, target = torch.nn.Linear(32, 1), torch.randn(32, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ckpt = Checkpointer()
+    start = ckpt.load(model, opt)["step"] + 1 if ckpt.exists() else 0
+    for step in range(start, steps):
+        x = torch.randn(64, 32)
+        loss = torch.nn.functional.mse_loss(model(x), x @ target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        acc = float(((model(x) - x @ target).abs() < 0.5).float().mean())
+        report(step=step, total=steps, loss=loss.item(), acc=acc)
+        if step % 50 == 0:
+            print(f"step {step:5d}  loss {loss.item():.4f}  acc {acc:.3f}", flush=True)
+        if fail_at is not None and step == fail_at:
+            raise FloatingPointError(f"loss is nan at step {step} (lr too high?)")
+        if should_pause():
+            ckpt.save(model, opt, 0, step)
+            return {"status": "paused", "step": step}
+        if step % 25 == 24:
+            ckpt.save(model, opt, 0, step)
+        time.sleep(0.01)
+    return {"status": "completed", "loss": loss.item()}
+
+
+def panel_screenshot(lab: Lab, out: Path) -> None:
+    client = CumulusClient(lab.url, token=lab.token)
+    done = client.run_async(train, (60,), gpu_memory=0.25, name="baseline")
+    done.wait(timeout=120)
+    failed = client.run_async(train, (2000, 40), gpu_memory=0.25, name="lr-sweep-3e-1")
+    failed.wait(timeout=120)
+    paused = client.run_async(train, (5000,), gpu_memory=0.5, duration="2h", name="finetune")
+    wait_until(lambda: len(paused.get_checkpoints()) >= 4, timeout=120, what="4 checkpoints")
+    paused.pause()
+    paused.wait(timeout=120)
+    running = client.run_async(train, (20_000,), gpu_memory=0.5, duration="8h", name="resnet-ish")
+    wait_until(
+        lambda: len(running.get_checkpoints()) >= 2, timeout=120, what="the run to get going"
+    )
+
+    with chromium() as browser, new_page(browser) as page:
+        page.goto(f"{lab.url}lab?reset&token={lab.token}")
+        page.locator("#jp-main-dock-panel").wait_for()
+        page.locator('.jp-SideBar .lm-TabBar-tab[data-id="cumulus-jobs"]').click()
+        panel = page.locator("#cumulus-jobs")
+        panel.wait_for()
+        # A wider side bar: drag the handle between it and the main area.
+        handle = page.locator(".jp-LabShell .lm-SplitPanel-handle:visible").first
+        box = handle.bounding_box()
+        assert box is not None
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + 200)
+        page.mouse.down()
+        page.mouse.move(box["x"] + 190, box["y"] + 200, steps=5)
+        page.mouse.up()
+
+        row = panel.locator(f'li[data-job-id="{paused.id}"]')
+        row.locator(".jp-CumulusJob-summary").click()
+        row.locator("li[data-checkpoint]").first.wait_for()
+        row.locator(".jp-CumulusJob-log", has_text="step").wait_for()
+        busy = panel.locator(f'li[data-job-id="{running.id}"] .jp-CumulusJob-progress')
+        busy.wait_for()
+        page.mouse.move(0, 0)
+        settled(page)
+        panel_box = panel.bounding_box()
+        assert panel_box is not None
+        clip = {
+            "x": 0,
+            "y": 0,
+            "width": panel_box["x"] + panel_box["width"] + 12,
+            "height": VIEWPORT["height"],
+        }
+        page.screenshot(path=str(out), clip=clip)
+
+
+SHOTS = {
+    "notebook": (notebook_screenshot, "screenshot-notebook.png", "[]"),
+    "panel": (panel_screenshot, "screenshot-panel.png", "0,1"),
+}
 
 
 def main() -> None:
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "screenshot-notebook.png"
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="cumulus-shots-") as tmp:
-        lab = Lab(Path(tmp))
-        write_notebook(lab.root / NOTEBOOK)
-        try:
-            lab.start()
-            screenshot(lab, out)
-        except BaseException:
-            print(f"--- jupyter lab log ---\n{lab.log_tail()}", file=sys.stderr)
-            raise
-        finally:
-            try:
-                if lab.proc is not None:
-                    lab.cancel_jobs()
-            finally:
-                lab.stop()
-    size = out.stat().st_size // 1024
-    print(f"wrote {out} ({size} KB) in {time.monotonic() - started:.0f}s")
+    for name in sys.argv[1:] or list(SHOTS):
+        make, filename, gpus = SHOTS[name]
+        out = HERE / filename
+        started = time.monotonic()
+        with (
+            tempfile.TemporaryDirectory(prefix="cumulus-shots-") as tmp,
+            running_lab(Path(tmp), gpus=gpus) as lab,
+        ):
+            make(lab, out)
+        size = out.stat().st_size // 1024
+        print(f"wrote {out} ({size} KB) in {time.monotonic() - started:.0f}s")
 
 
 if __name__ == "__main__":

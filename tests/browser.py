@@ -55,8 +55,9 @@ def write_lab_settings(settings_dir: Path) -> None:
 class Lab:
     """A ``jupyter lab`` subprocess with the cumulus extension, on 127.0.0.1."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, gpus: str = "[]"):
         self.base = base
+        self.gpus = gpus  # the GPU inventory: "[]" runs every job on the CPU
         self.root = base / "root"
         self.root.mkdir()
         self.port = free_port()
@@ -78,7 +79,7 @@ class Lab:
             f"--ServerApp.root_dir={self.root}",
             f"--IdentityProvider.token={self.token}",
             f"--CumulusApp.job_root={self.base / 'jobs'}",
-            "--CumulusApp.gpus=[]",
+            f"--CumulusApp.gpus={self.gpus}",
             "--LabApp.news_url=None",
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
             "--LabApp.extension_manager=readonly",
@@ -155,9 +156,9 @@ class Lab:
 
 
 @contextlib.contextmanager
-def running_lab(base: Path) -> Iterator[Lab]:
+def running_lab(base: Path, gpus: str = "[]") -> Iterator[Lab]:
     """A started :class:`Lab`; its jobs are cancelled and it is stopped on exit."""
-    lab = Lab(base)
+    lab = Lab(base, gpus)
     try:
         yield lab.start()
     except BaseException:

@@ -336,3 +336,26 @@ def test_a_notebook_job_widget_renders_and_pauses_in_the_browser(page, lab):
     wait_state(lab, job_id, "paused")
     expect(output.locator("span", has_text=re.compile("^paused$")).first).to_be_visible()
     assert lab.api("GET", f"cumulus/api/jobs/{job_id}/checkpoints")["checkpoints"]
+
+
+def test_a_server_that_stops_answering_is_reported_and_polled_less(browser, tmp_path):
+    with running_lab(tmp_path) as other:
+        context = browser.new_context(viewport={"width": 1400, "height": 900})
+        try:
+            page = context.new_page()
+            open_lab(page, other)
+            with page.expect_request(is_poll, timeout=10_000):
+                open_panel(page)
+            expect(page.locator(".jp-CumulusPanel-empty")).to_contain_text("No jobs yet")
+
+            other.stop()
+            banner = page.locator(".jp-CumulusPanel-error")
+            expect(banner).to_contain_text("Cannot update the job list")
+            attempts = []
+            page.on("request", lambda r: attempts.append(r.url) if is_poll(r) else None)
+            # An observation window: a poll that did not back off would ask 8 times.
+            page.wait_for_timeout(8 * POLL_SECONDS * 1000)
+            assert 1 <= len(attempts) <= 6, attempts
+            expect(banner).to_be_visible()
+        finally:
+            context.close()

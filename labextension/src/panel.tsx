@@ -207,9 +207,15 @@ function JobItem({
             {clock(job.elapsed)} /{' '}
             {job.duration === null ? 'no limit' : clock(job.duration)}
           </span>
-          <span title="share of one device's memory">
-            {deviceLabel(job)} · {percent(job.gpu_memory)}
-          </span>
+          {ACTIVE.has(job.state) ? (
+            <span title="the device it runs on, and its share of that device's memory">
+              {deviceLabel(job)} · {percent(job.gpu_memory)}
+            </span>
+          ) : (
+            <span title="the share it asks for; a stopped job holds none">
+              {percent(job.gpu_memory)} share
+            </span>
+          )}
           {job.run > 1 && <span>run {job.run}</span>}
         </div>
         {progress && (
@@ -421,8 +427,8 @@ function progressOf(
 }
 
 function deviceLabel(job: IJob): string {
-  if (job.device === null) {
-    return 'no device yet';
+  if (job.state === 'queued' || job.device === null) {
+    return 'waiting for a device';
   }
   return job.device === 'cpu' ? 'CPU' : `GPU ${job.device}`;
 }
