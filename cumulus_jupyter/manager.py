@@ -557,7 +557,12 @@ class JobManager:
         outcome = reported.get("state") if reported.get("run") == job.get("run") else None
         pausing = bool(job.get("pause_requested"))
         timed = job.get("pause_reason") == "duration"
-        if outcome in ("completed", "failed"):
+        # SIGTERM raises JobInterrupted wherever the job is, an import
+        # included; code that was interrupted halfway may then fail with any
+        # exception. A run that failed after we sent it a signal was stopped
+        # by us: it ends as the cancel or the pause asked.
+        stopped_by_signal = outcome == "failed" and bool(job.get("escalation"))
+        if outcome == "completed" or (outcome == "failed" and not stopped_by_signal):
             new = JobState(outcome)
         elif job.get("cancel_requested") or outcome == "cancelled":
             new = JobState.CANCELLED
@@ -588,8 +593,14 @@ class JobManager:
                     f". The disk holding the job root is full ({free / 2**20:.1f} MiB free): "
                     "free space, then resume the job"
                 )
+        notes = []
         if job.get("escalation") and new in (JobState.PAUSED, JobState.TIMED_OUT):
-            message += f" (did not stop in time: {job['escalation']} sent)"
+            notes.append(f"did not stop in time: {job['escalation']} sent")
+        if stopped_by_signal:
+            error = reported.get("error") or "an exception"
+            notes.append(f"while stopping on {job['escalation']}, it raised {error}")
+        if notes:
+            message += f" ({'; '.join(notes)})"
         self.ledger.release(job_id)
         now = time.time()
         job["ended"] = reported.get("ended") or now

@@ -107,6 +107,24 @@ def ignore_everything(pidfile):
         time.sleep(0.05)
 
 
+def broken_by_sigterm(ready_file):
+    """Ignores pause; SIGTERM leaves it broken, so it fails with another exception.
+
+    Stands for code interrupted halfway (an import, a C extension's state):
+    what the run ends with is not the interruption itself.
+    """
+    import time
+
+    from cumulus_jupyter.jobcontext import JobInterrupted
+
+    open(ready_file, "w").close()
+    try:
+        while True:
+            time.sleep(0.02)
+    except JobInterrupted:
+        raise RecursionError("maximum recursion depth exceeded") from None
+
+
 def guarded_train(ready_file):
     """Never checks should_pause, but saves a checkpoint when SIGTERM arrives."""
     import time

@@ -156,6 +156,28 @@ def test_sigterm_escalation_saves_through_save_on_interrupt(client, tmp_path):
     assert [c["name"] for c in job.get_checkpoints()] == [os.path.basename(result["checkpoint"])]
 
 
+@pytest.mark.parametrize("action", ["cancel", "pause"])
+def test_a_run_that_fails_because_it_was_stopped_ends_as_asked(client, tmp_path, action):
+    ready = str(tmp_path / "ready")
+    job = client.run_async(jobfuncs.broken_by_sigterm, args=[ready], gpu_memory=0.2)
+    wait_until(lambda: os.path.exists(ready), what="the job to start")
+    getattr(job, action)()
+    expected = "cancelled" if action == "cancel" else "paused"
+    wait_state(job, expected, timeout=60)
+    info = job.info()
+    assert info["escalation"] == "sigterm"
+    assert "while stopping on sigterm, it raised builtins.RecursionError" in info["message"]
+    if action == "pause":
+        job.cancel()  # a paused job can still be resumed or cancelled
+        wait_state(job, "cancelled")
+
+
+def test_a_run_that_fails_on_its_own_still_fails(client):
+    job = client.run_async(jobfuncs.failing, args=[7], gpu_memory=0.1)
+    wait_state(job, "failed", timeout=60)
+    assert job.info()["escalation"] is None
+
+
 def test_shares_over_one_device_queue(client):
     first = client.run_async(jobfuncs.sleep_then, args=[3, "first"], gpu_memory=0.6)
     second = client.run_async(jobfuncs.sleep_then, args=[0, "second"], gpu_memory=0.6)

@@ -204,7 +204,7 @@ def paused_job_with_checkpoints(client, lab, name, count=3):
 
 
 def test_checkpoints_resume_delete_and_cancel_from_the_panel(page, lab, client):
-    job = paused_job_with_checkpoints(client, lab, "panel-ckpt")
+    job = paused_job_with_checkpoints(client, lab, "panel-ckpt", count=4)
     saved = job.get_checkpoints()
     oldest, middle = saved[0], saved[1]
     open_lab(page, lab)
@@ -228,7 +228,15 @@ def test_checkpoints_resume_delete_and_cancel_from_the_panel(page, lab, client):
     page.locator(".jp-Dialog button", has_text="Close").click()
     expect(rows).to_have_count(len(saved) - 1)
 
+    # A delete that goes through: the row and the server's entry are gone.
+    second_newest = saved[-2]["name"]
+    row.locator(f'li[data-checkpoint="{second_newest}"] button', has_text="Delete").click()
+    page.locator(".jp-Dialog button", has_text="Delete").click()
+    expect(rows).to_have_count(len(saved) - 2)
+    assert second_newest not in [c["name"] for c in job.get_checkpoints()]
+
     # Resume from the oldest checkpoint.
+    first_run_output = len(job.logs())
     target = row.locator(f'li[data-checkpoint="{oldest["name"]}"]')
     target.locator("button", has_text=re.compile("^Resume$")).click()
     expect(row).to_have_attribute("data-state", re.compile("queued|running"))
@@ -236,7 +244,7 @@ def test_checkpoints_resume_delete_and_cancel_from_the_panel(page, lab, client):
     assert record["resume_checkpoint"] == oldest["name"]
     wait_state(lab, job.id, "running")
     wait_until(
-        lambda: f"step {oldest['step'] + 1} loss" in job.logs(),
+        lambda: f"step {oldest['step'] + 1} loss" in job.logs()[first_run_output:],
         timeout=60,
         what="the resumed run's first step",
     )
