@@ -36,8 +36,17 @@ node_modules() {
 
 build_labextension() {
   node_modules
-  # `jupyter-builder` (from jupyterlab) bundles the extension.
-  (cd labextension && PATH="$(cd "../$VENV/bin" && pwd):$PATH" npm run --silent build:prod >/dev/null)
+  # `jupyter-builder` (from jupyterlab) bundles the extension; its chatter is
+  # shown only when it fails.
+  local log
+  log="$(mktemp)"
+  if ! (cd labextension && PATH="$(cd "../$VENV/bin" && pwd):$PATH" npm run build:prod) >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    echo "dev.sh: building the JupyterLab extension (labextension/) failed" >&2
+    exit 1
+  fi
+  rm -f "$log"
 }
 
 setup() {

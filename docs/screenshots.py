@@ -19,6 +19,7 @@ or the one ``$CHROMIUM`` names. No browser is downloaded.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 import sys
 import tempfile
@@ -40,7 +41,42 @@ VIEWPORT = {"width": 1400, "height": 1200}
 NOTEBOOK = "cumulus-demo.ipynb"
 TOTAL_STEPS = 3000  # the shown job must still be running at the screenshot
 
-# -- the notebook --------------------------------------------------------------
+# -- the jobs and the notebook -----------------------------------------------------
+
+
+def train(steps, fail_at=None):
+    """A small regression, checkpointed every 25 steps, that reports loss and accuracy."""
+    import time
+
+    import torch
+
+    from cumulus_jupyter.runtime import Checkpointer, report, should_pause
+
+    torch.manual_seed(0)
+    model, target = torch.nn.Linear(32, 1), torch.randn(32, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ckpt = Checkpointer()
+    start = ckpt.load(model, opt)["step"] + 1 if ckpt.exists() else 0
+    for step in range(start, steps):
+        x = torch.randn(64, 32)
+        loss = torch.nn.functional.mse_loss(model(x), x @ target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        acc = float(((model(x) - x @ target).abs() < 0.5).float().mean())
+        report(step=step, total=steps, loss=loss.item(), acc=acc)
+        if step % 50 == 0:
+            print(f"step {step:5d}  loss {loss.item():.4f}  acc {acc:.3f}", flush=True)
+        if fail_at is not None and step == fail_at:
+            raise FloatingPointError(f"loss is nan at step {step} (lr too high?)")
+        if should_pause():
+            ckpt.save(model, opt, 0, step)
+            return {"status": "paused", "step": step}
+        if step % 25 == 24:
+            ckpt.save(model, opt, 0, step)
+        time.sleep(0.01)
+    return {"status": "completed", "loss": loss.item()}
+
 
 CELL_SETUP = """\
 %load_ext cumulus_jupyter
@@ -59,7 +95,7 @@ torch.manual_seed(0)
 X = torch.randn(2048, 3, 16, 16)
 y = X.mean(dim=(2, 3)).argmax(dim=1)  # the label: which channel is brightest"""
 
-CELL_FINETUNE = """\
+CELL_FINETUNE_TEMPLATE = """\
 # An earlier fine-tune, started with the SDK and paused after a few checkpoints
 import time
 
@@ -67,39 +103,19 @@ from cumulus_jupyter import CumulusClient
 from cumulus_jupyter.widgets import CheckpointBrowser
 
 
-def finetune(steps=10_000):
-    import torch
-    from cumulus_jupyter.runtime import Checkpointer, report, should_pause
-
-    torch.manual_seed(1)
-    model, target = torch.nn.Linear(64, 1), torch.randn(64, 1)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    ckpt = Checkpointer()
-    start = ckpt.load(model, opt)["step"] + 1 if ckpt.exists() else 0
-    for step in range(start, steps):
-        x = torch.randn(128, 64)
-        loss = torch.nn.functional.mse_loss(model(x), x @ target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        report(step=step, total=steps, loss=loss.item())
-        if should_pause():
-            ckpt.save(model, opt, 0, step)
-            return {"status": "paused", "step": step}
-        if step % 25 == 24:
-            ckpt.save(model, opt, 0, step)
-        time.sleep(0.02)
-    return {"status": "completed"}
-
+{TRAIN}
 
 client = CumulusClient()
-job2 = client.run_async(finetune, gpu_memory=0.25, name="finetune")
+job2 = client.run_async(train, (10_000,), gpu_memory=0.25, name="finetune")
 deadline = time.monotonic() + 120
 while len(job2.get_checkpoints()) < 5:
     assert time.monotonic() < deadline, "no checkpoints after 2 minutes"
     time.sleep(0.2)
 job2.pause()
 job2.wait(timeout=120)"""
+
+# The same function the panel screenshot runs, as the notebook shows it.
+CELL_FINETUNE = CELL_FINETUNE_TEMPLATE.replace("{TRAIN}", inspect.getsource(train))
 
 CELL_TRAIN = f"""\
 %%cumulus --gpu-memory 0.5 --name resnet-ish --out job
@@ -224,40 +240,6 @@ def notebook_screenshot(lab: Lab, out: Path) -> None:
 
 
 # -- the panel -------------------------------------------------------------------
-
-
-def train(steps: int, fail_at: int | None = None) -> dict[str, Any]:
-    """A small regression, checkpointed every 25 steps, that reports loss and accuracy."""
-    import time
-
-    import torch
-
-    from cumulus_jupyter.runtime import Checkpointer, report, should_pause
-
-    torch.manual_seed(0)
-    model, target = torch.nn.Linear(32, 1), torch.randn(32, 1)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    ckpt = Checkpointer()
-    start = ckpt.load(model, opt)["step"] + 1 if ckpt.exists() else 0
-    for step in range(start, steps):
-        x = torch.randn(64, 32)
-        loss = torch.nn.functional.mse_loss(model(x), x @ target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        acc = float(((model(x) - x @ target).abs() < 0.5).float().mean())
-        report(step=step, total=steps, loss=loss.item(), acc=acc)
-        if step % 50 == 0:
-            print(f"step {step:5d}  loss {loss.item():.4f}  acc {acc:.3f}", flush=True)
-        if fail_at is not None and step == fail_at:
-            raise FloatingPointError(f"loss is nan at step {step} (lr too high?)")
-        if should_pause():
-            ckpt.save(model, opt, 0, step)
-            return {"status": "paused", "step": step}
-        if step % 25 == 24:
-            ckpt.save(model, opt, 0, step)
-        time.sleep(0.01)
-    return {"status": "completed", "loss": loss.item()}
 
 
 def panel_screenshot(lab: Lab, out: Path) -> None:

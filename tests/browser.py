@@ -11,18 +11,14 @@ import contextlib
 import json
 import os
 import re
-import secrets
-import signal
-import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from servers import free_port, wait_until
+from servers import ServerProcess, wait_until
 
-BIN = Path(sys.executable).parent
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -52,54 +48,41 @@ def write_lab_settings(settings_dir: Path) -> None:
         path.write_text(json.dumps(value))
 
 
-class Lab:
-    """A ``jupyter lab`` subprocess with the cumulus extension, on 127.0.0.1."""
+class Lab(ServerProcess):
+    """A ``jupyter lab`` subprocess with the cumulus extension, on 127.0.0.1.
+
+    Its notebooks live in ``root``; news, update checks and the extension
+    manager are off (no network).
+    """
 
     def __init__(self, base: Path, gpus: str = "[]"):
-        self.base = base
-        self.gpus = gpus  # the GPU inventory: "[]" runs every job on the CPU
+        super().__init__(base, command="lab", gpus=gpus)
         self.root = base / "root"
         self.root.mkdir()
-        self.port = free_port()
-        self.token = secrets.token_hex(16)
-        self.url = f"http://127.0.0.1:{self.port}/"
         self.log_path = base / "lab.log"
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Lab:
+    def argv(self) -> list[str]:
         settings = self.base / "lab-settings"
         write_lab_settings(settings)
-        argv = [
-            str(BIN / "jupyter"),
-            "lab",
-            "--ServerApp.ip=127.0.0.1",
-            f"--ServerApp.port={self.port}",
-            "--ServerApp.port_retries=0",
-            "--ServerApp.open_browser=False",
+        args = [a for a in super().argv() if not a.startswith("--ServerApp.root_dir=")]
+        return [
+            *args,
             f"--ServerApp.root_dir={self.root}",
-            f"--IdentityProvider.token={self.token}",
-            f"--CumulusApp.job_root={self.base / 'jobs'}",
-            f"--CumulusApp.gpus={self.gpus}",
             "--LabApp.news_url=None",
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
             "--LabApp.extension_manager=readonly",
             f"--LabApp.user_settings_dir={settings}",
             f"--LabApp.workspaces_dir={self.base / 'workspaces'}",
         ]
-        if os.geteuid() == 0:
-            argv.append("--allow-root")
-        env = dict(os.environ)
-        env["JUPYTER_RUNTIME_DIR"] = str(self.base / "runtime")
-        env["JUPYTER_CONFIG_DIR"] = str(self.base / "config")
+
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
         env["JUPYTER_DATA_DIR"] = str(self.base / "data")
         env["IPYTHONDIR"] = str(self.base / "ipython")
-        env.pop("CUMULUS_SERVER_URL", None)
-        env.pop("CUMULUS_TOKEN", None)
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root
-            )
-        wait_until(self._ready, timeout=90, what=f"jupyter lab on port {self.port}")
+        return env
+
+    def start(self, timeout: float = 90) -> Lab:
+        super().start(timeout)
         return self
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
@@ -117,11 +100,9 @@ class Lab:
         return self.api("GET", f"cumulus/api/jobs/{job_id}")
 
     def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"jupyter lab exited:\n{self.log_tail()}")
-        try:
-            self.api("GET", "cumulus/api/jobs")
+        if not super()._ready():
+            return False
+        try:  # the lab's own API answers too
             self.api("GET", "lab/api/settings")
         except OSError:
             return False
@@ -141,18 +122,6 @@ class Lab:
             with contextlib.suppress(OSError):  # a job that stopped meanwhile: 409
                 self.api("POST", f"cumulus/api/jobs/{job['id']}/cancel", {})
         wait_until(lambda: not left(), timeout=60, what="the jobs to stop")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
 
 
 @contextlib.contextmanager

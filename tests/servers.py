@@ -77,18 +77,21 @@ class ServerProcess:
             args.append("--allow-root")
         return args
 
-    def start(self) -> ServerProcess:
+    def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         env["JUPYTER_RUNTIME_DIR"] = str(self.base / "runtime")
         env["JUPYTER_CONFIG_DIR"] = str(self.base / "config")
         env.pop("CUMULUS_SERVER_URL", None)
         env.pop("CUMULUS_TOKEN", None)
+        return env
+
+    def start(self, timeout: float = 60) -> ServerProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the server owns it until stop()
         self.proc = subprocess.Popen(
-            self.argv(), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.base
+            self.argv(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(), cwd=self.base
         )
         log.close()
-        wait_until(self._ready, timeout=60, what=f"the server on port {self.port}")
+        wait_until(self._ready, timeout=timeout, what=f"the server on port {self.port}")
         return self
 
     def _ready(self) -> bool:

@@ -16,8 +16,8 @@ from pathlib import Path
 import jobfuncs
 import nbformat
 import pytest
-from browser import BIN, CHROMIUM, KERNEL_IDLE, chromium, running_lab
-from servers import wait_until
+from browser import CHROMIUM, KERNEL_IDLE, chromium, running_lab
+from servers import BIN, wait_until
 
 from cumulus_jupyter import CumulusClient
 

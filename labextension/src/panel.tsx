@@ -236,30 +236,25 @@ function JobItem({
         )}
       </div>
       <div className="jp-CumulusJob-actions">
-        <button
-          className="jp-Button jp-mod-styled jp-mod-small"
-          disabled={busy || stopping || !LEGAL.pause.has(job.state)}
+        <ActionButton
+          label="Pause"
           title="Save a checkpoint at the next batch and free the GPU"
+          disabled={busy || stopping || !LEGAL.pause.has(job.state)}
           onClick={() => void act('pause')}
-        >
-          Pause
-        </button>
-        <button
-          className="jp-Button jp-mod-styled jp-mod-small"
-          disabled={busy || !LEGAL.resume.has(job.state)}
+        />
+        <ActionButton
+          label="Resume"
           title="Continue from the latest checkpoint"
+          disabled={busy || !LEGAL.resume.has(job.state)}
           onClick={() => void act('resume')}
-        >
-          Resume
-        </button>
-        <button
-          className="jp-Button jp-mod-styled jp-mod-small jp-mod-warn"
-          disabled={busy || stopping || !LEGAL.cancel.has(job.state)}
+        />
+        <ActionButton
+          label="Cancel"
           title="Stop the job for good (checkpoints stay)"
+          disabled={busy || stopping || !LEGAL.cancel.has(job.state)}
           onClick={() => void act('cancel')}
-        >
-          Cancel
-        </button>
+          warn
+        />
       </div>
       {open && <JobDetail job={job} model={model} metrics={metrics} />}
     </li>
@@ -381,35 +376,52 @@ function CheckpointTable({
               </div>
             </div>
             <div className="jp-CumulusJob-rowActions">
-              <button
-                className="jp-Button jp-mod-styled jp-mod-small"
-                disabled={!resumable}
+              <ActionButton
+                label="Resume"
                 title={
                   resumable
                     ? 'Resume the job from this checkpoint'
                     : 'Only a paused, timed-out or lost job can be resumed'
                 }
+                disabled={!resumable}
                 onClick={() => void resumeFrom(c.name)}
-              >
-                Resume
-              </button>
-              <button
-                className="jp-Button jp-mod-styled jp-mod-small jp-mod-warn"
-                disabled={needed}
+              />
+              <ActionButton
+                label="Delete"
                 title={
                   needed
                     ? 'The job resumes from this checkpoint; resume or cancel the job first'
                     : 'Delete this checkpoint'
                 }
+                disabled={needed}
                 onClick={() => void remove(c.name)}
-              >
-                Delete
-              </button>
+                warn
+              />
             </div>
           </li>
         );
       })}
     </ul>
+  );
+}
+
+function ActionButton(props: {
+  label: string;
+  title: string;
+  disabled: boolean;
+  onClick: () => void;
+  warn?: boolean;
+}): JSX.Element {
+  const warn = props.warn ? ' jp-mod-warn' : '';
+  return (
+    <button
+      className={`jp-Button jp-mod-styled jp-mod-small${warn}`}
+      disabled={props.disabled}
+      title={props.title}
+      onClick={props.onClick}
+    >
+      {props.label}
+    </button>
   );
 }
 
