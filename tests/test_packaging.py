@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import re
 import subprocess
 import sys
@@ -41,6 +43,41 @@ def test_the_wheel_ships_the_labextension_and_the_server_config(tmp_path):
     assert install["packageName"] == "cumulus-jupyter"
     assert config == {"ServerApp": {"jpserver_extensions": {"cumulus_jupyter": True}}}
     assert "cumulus_jupyter/openapi.yaml" in names
+
+    # Installed by pip (not editable), JupyterLab finds it where pip put it.
+    prefix = tmp_path / "prefix"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--ignore-installed",  # never uninstall the running copy
+            "--prefix",
+            str(prefix),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    env = {**os.environ, "JUPYTER_PATH": str(prefix / "share" / "jupyter")}
+    listing = subprocess.run(
+        [str(Path(sys.executable).parent / "jupyter"), "labextension", "list"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    text = re.sub(r"\x1b\[[0-9;]*m", "", listing.stdout + listing.stderr)
+    installed = str(prefix / "share" / "jupyter" / "labextensions")
+    assert installed in text, text
+    # The entries listed under that directory: its indented lines.
+    lines = text.split(installed, 1)[1].splitlines()[1:]
+    entries = list(itertools.takewhile(lambda line: line[:1].isspace(), lines))
+    pattern = rf"cumulus-jupyter v{re.escape(__version__)} enabled\s+OK"
+    assert any(re.search(pattern, line) for line in entries), text
 
     with tarfile.open(sdist) as sd:
         members = sd.getnames()
