@@ -118,7 +118,7 @@ export class JobsModel implements IDisposable {
     this._selected = id;
     this._detail = null;
     this._changed.emit();
-    void this.refresh();
+    this._refreshSoon();
   }
 
   /** Ask the server to pause, resume or cancel a job; update when it answers. */
@@ -132,7 +132,7 @@ export class JobsModel implements IDisposable {
       body: JSON.stringify(body)
     });
     this._replace(job);
-    void this.refresh();
+    this._refreshSoon();
     return job;
   }
 
@@ -148,7 +148,12 @@ export class JobsModel implements IDisposable {
       };
       this._changed.emit();
     }
-    void this.refresh();
+    this._refreshSoon();
+  }
+
+  /** Update now without waiting; a failure shows in `error` (and the banner). */
+  private _refreshSoon(): void {
+    this.refresh().catch(() => undefined);
   }
 
   dispose(): void {
