@@ -55,11 +55,13 @@ class Lab(ServerProcess):
     manager are off (no network).
     """
 
-    def __init__(self, base: Path, gpus: str = "[]"):
+    def __init__(self, base: Path, gpus: str = "[]", base_url: str = "/"):
         super().__init__(base, command="lab", gpus=gpus)
         self.root = base / "root"
         self.root.mkdir()
         self.log_path = base / "lab.log"
+        self.base_url = base_url
+        self.url = f"http://127.0.0.1:{self.port}{base_url}"
 
     def argv(self) -> list[str]:
         settings = self.base / "lab-settings"
@@ -68,6 +70,7 @@ class Lab(ServerProcess):
         return [
             *args,
             f"--ServerApp.root_dir={self.root}",
+            f"--ServerApp.base_url={self.base_url}",
             "--LabApp.news_url=None",
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
             "--LabApp.extension_manager=readonly",
@@ -125,9 +128,9 @@ class Lab(ServerProcess):
 
 
 @contextlib.contextmanager
-def running_lab(base: Path, gpus: str = "[]") -> Iterator[Lab]:
+def running_lab(base: Path, gpus: str = "[]", base_url: str = "/") -> Iterator[Lab]:
     """A started :class:`Lab`; its jobs are cancelled and it is stopped on exit."""
-    lab = Lab(base, gpus)
+    lab = Lab(base, gpus, base_url)
     try:
         yield lab.start()
     except BaseException:

@@ -367,3 +367,22 @@ def test_a_server_that_stops_answering_is_reported_and_polled_less(browser, tmp_
             expect(banner).to_be_visible()
         finally:
             context.close()
+
+
+def test_the_panel_works_under_a_base_url(browser, tmp_path):
+    # As behind JupyterHub: every request of the panel carries the prefix.
+    with running_lab(tmp_path, base_url="/user/alice/") as other:
+        client = CumulusClient(other.url, token=other.token)
+        job, _ = start_training(client, other, "behind-a-prefix")
+        context = browser.new_context(viewport={"width": 1400, "height": 900})
+        try:
+            page = context.new_page()
+            open_lab(page, other)
+            open_panel(page)
+            row = job_row(page, job.id)
+            expect(row).to_have_attribute("data-state", "running")
+            button(row, "Pause").click()
+            expect(row).to_have_attribute("data-state", "paused", timeout=60_000)
+            assert other.job(job.id)["state"] == "paused"
+        finally:
+            context.close()
