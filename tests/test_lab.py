@@ -163,6 +163,8 @@ def test_pause_resume_and_completion_from_the_panel(page, lab, client):
     # The device's share and who holds it.
     expect(panel.locator(".jp-CumulusPanel-gpu")).to_contain_text(f"panel-train ({job.id[:6]})")
     expect(button(row, "Resume")).to_be_disabled()
+    # Enough output to overflow the detail's log box (checked below).
+    wait_until(lambda: job.logs().count("\n") >= 40, timeout=60, what="40 lines of output")
 
     button(row, "Pause").click()
     expect(row).to_have_attribute("data-state", "paused", timeout=60_000)
@@ -177,7 +179,12 @@ def test_pause_resume_and_completion_from_the_panel(page, lab, client):
     saved = job.get_checkpoints()
     assert checkpoints.first.get_attribute("data-checkpoint") == saved[-1]["name"]
     expect(checkpoints.first).to_contain_text("latest")
-    expect(row.locator(".jp-CumulusJob-log")).to_contain_text(re.compile(r"step \d+ loss"))
+    log = row.locator(".jp-CumulusJob-log")
+    expect(log).to_contain_text(f"step {saved[-1]['step']} loss")
+    # Longer than its box, and scrolled to its last line.
+    overflows = log.evaluate("el => el.scrollHeight > el.clientHeight")
+    at_end = log.evaluate("el => el.scrollHeight - el.scrollTop - el.clientHeight < 8")
+    assert overflows and at_end, "the log tail does not show its last line"
     expect(row.locator(".jp-CumulusJob-metrics")).to_contain_text("loss")
     # The checkpoint the paused job resumes from cannot be deleted.
     expect(checkpoints.first.locator("button", has_text="Delete")).to_be_disabled()

@@ -303,9 +303,7 @@ function JobDetail({
         />
       )}
       <h3>Log</h3>
-      <pre className="jp-CumulusJob-log">
-        {detail === null ? '' : detail.log || '(no output yet)'}
-      </pre>
+      <LogTail text={detail === null ? '' : detail.log || '(no output yet)'} />
     </div>
   );
 }
@@ -402,6 +400,33 @@ function CheckpointTable({
         );
       })}
     </ul>
+  );
+}
+
+/**
+ * The end of a job's log, kept scrolled to its last line as output arrives,
+ * unless the user scrolled up to read.
+ */
+function LogTail({ text }: { text: string }): JSX.Element {
+  const ref = React.useRef<HTMLPreElement>(null);
+  const atEnd = React.useRef(true);
+  React.useLayoutEffect(() => {
+    const pre = ref.current;
+    if (pre && atEnd.current) {
+      pre.scrollTop = pre.scrollHeight;
+    }
+  }, [text]);
+  return (
+    <pre
+      ref={ref}
+      className="jp-CumulusJob-log"
+      onScroll={event => {
+        const pre = event.currentTarget;
+        atEnd.current = pre.scrollHeight - pre.scrollTop - pre.clientHeight < 8;
+      }}
+    >
+      {text}
+    </pre>
   );
 }
 
