@@ -31,7 +31,7 @@ import nbformat
 
 # The same server, browser and polling helpers the tests use.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from browser import KERNEL_IDLE, Lab, chromium, running_lab, settled
+from browser import KERNEL_IDLE, Lab, chromium, new_page, running_lab, settled
 from servers import wait_until
 
 from cumulus_jupyter import CumulusClient
@@ -192,24 +192,22 @@ def check_no_errors(page: Any) -> None:
 
 
 @contextlib.contextmanager
-def new_page(browser: Any) -> Any:
-    page = browser.new_page(viewport=VIEWPORT)
-    page.set_default_timeout(60_000)
-    try:
-        yield page
-    except BaseException:
-        failed = Path(tempfile.gettempdir()) / "cumulus-screenshot-failed.png"
-        with contextlib.suppress(Exception):
-            page.screenshot(path=str(failed))
-            print(f"the page at the failure: {failed}", file=sys.stderr)
-        raise
-    finally:
-        page.close()
+def shot_page(browser: Any) -> Any:
+    """A page for a screenshot; on a failure, a picture of where it stood."""
+    with new_page(browser, VIEWPORT, timeout_ms=60_000) as page:
+        try:
+            yield page
+        except BaseException:
+            failed = Path(tempfile.gettempdir()) / "cumulus-screenshot-failed.png"
+            with contextlib.suppress(Exception):
+                page.screenshot(path=str(failed))
+                print(f"the page at the failure: {failed}", file=sys.stderr)
+            raise
 
 
 def notebook_screenshot(lab: Lab, out: Path) -> None:
     write_notebook(lab.root / NOTEBOOK)
-    with chromium() as browser, new_page(browser) as page:
+    with chromium() as browser, shot_page(browser) as page:
         page.goto(f"{lab.url}lab/tree/{NOTEBOOK}?reset&token={lab.token}")
         page.locator(".jp-Notebook .jp-Cell").first.wait_for()
         # The kernel is connected (the toolbar's indicator says idle before that).
@@ -257,7 +255,7 @@ def panel_screenshot(lab: Lab, out: Path) -> None:
         lambda: len(running.get_checkpoints()) >= 2, timeout=120, what="the run to get going"
     )
 
-    with chromium() as browser, new_page(browser) as page:
+    with chromium() as browser, shot_page(browser) as page:
         page.goto(f"{lab.url}lab?reset&token={lab.token}")
         page.locator("#jp-main-dock-panel").wait_for()
         page.locator('.jp-SideBar .lm-TabBar-tab[data-id="cumulus-jobs"]').click()

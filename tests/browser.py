@@ -157,6 +157,18 @@ def chromium() -> Iterator[Any]:
             browser.close()
 
 
+@contextlib.contextmanager
+def new_page(browser: Any, viewport: dict[str, int], timeout_ms: int = 30_000) -> Iterator[Any]:
+    """A page in a fresh browser context (own cookies and storage), closed on exit."""
+    context = browser.new_context(viewport=viewport)
+    try:
+        page = context.new_page()
+        page.set_default_timeout(timeout_ms)
+        yield page
+    finally:
+        context.close()
+
+
 def settled(page: Any) -> None:
     """Wait until what the page last changed has been painted."""
     page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import signal
 import socket
@@ -37,6 +38,18 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(interval)
+
+
+def labextension_list(env: dict[str, str] | None = None) -> str:
+    """What ``jupyter labextension list`` prints, without its colours."""
+    out = subprocess.run(
+        [str(BIN / "jupyter"), "labextension", "list"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    return re.sub(r"\x1b\[[0-9;]*m", "", out.stdout + out.stderr)
 
 
 class ServerProcess:

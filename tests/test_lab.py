@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import re
-import subprocess
 from pathlib import Path
 
 import jobfuncs
 import nbformat
 import pytest
-from browser import CHROMIUM, KERNEL_IDLE, chromium, running_lab
-from servers import BIN, wait_until
+from browser import CHROMIUM, KERNEL_IDLE, chromium, new_page, running_lab
+from playwright.sync_api import expect
+from servers import labextension_list, wait_until
 
 from cumulus_jupyter import CumulusClient
 
-playwright_api = pytest.importorskip("playwright.sync_api")
-expect = playwright_api.expect
-
 POLL_SECONDS = 2  # the panel's poll interval (labextension/src/model.ts)
+VIEWPORT = {"width": 1400, "height": 900}
 
 
 @pytest.fixture(autouse=True)
@@ -64,19 +62,16 @@ def browser(lab):
 
 
 @pytest.fixture
-def page(browser, lab, request, tmp_path):
-    context = browser.new_context(viewport={"width": 1400, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(30_000)
+def page(browser, request, tmp_path):
     expect.set_options(timeout=30_000)
-    yield page
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        shot = tmp_path / "failure.png"
-        page.screenshot(path=str(shot))
-        (tmp_path / "failure.html").write_text(page.content())
-        print(f"the page at the failure: {shot} (and failure.html)")
-    context.close()
+    with new_page(browser, VIEWPORT) as page:
+        yield page
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            shot = tmp_path / "failure.png"
+            page.screenshot(path=str(shot))
+            (tmp_path / "failure.html").write_text(page.content())
+            print(f"the page at the failure: {shot} (and failure.html)")
 
 
 @pytest.fixture
@@ -108,12 +103,8 @@ def button(row, label):
     return row.locator(".jp-CumulusJob-actions button", has_text=re.compile(f"^{label}$"))
 
 
-def release_file(lab, name):
-    return lab.base / f"release-{name}"
-
-
 def start_training(client, lab, name):
-    release = release_file(lab, name)
+    release = lab.base / f"release-{name}"  # the job finishes once this exists
     job = client.run_async(jobfuncs.train_until_released, (str(release),), name=name)
     return job, release
 
@@ -127,13 +118,7 @@ def wait_state(lab, job_id, *states, timeout=60):
 
 
 def test_labextension_is_installed_and_enabled():
-    out = subprocess.run(
-        [str(BIN / "jupyter"), "labextension", "list"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    listing = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout + out.stderr)  # colours
+    listing = labextension_list()
     assert re.search(r"cumulus-jupyter v\S+ enabled\s+OK", listing), listing
 
 
@@ -354,26 +339,21 @@ def test_a_notebook_job_widget_renders_and_pauses_in_the_browser(page, lab):
 
 
 def test_a_server_that_stops_answering_is_reported_and_polled_less(browser, tmp_path):
-    with running_lab(tmp_path) as other:
-        context = browser.new_context(viewport={"width": 1400, "height": 900})
-        try:
-            page = context.new_page()
-            open_lab(page, other)
-            with page.expect_request(is_poll, timeout=10_000):
-                open_panel(page)
-            expect(page.locator(".jp-CumulusPanel-empty")).to_contain_text("No jobs yet")
+    with running_lab(tmp_path) as other, new_page(browser, VIEWPORT) as page:
+        open_lab(page, other)
+        with page.expect_request(is_poll, timeout=10_000):
+            open_panel(page)
+        expect(page.locator(".jp-CumulusPanel-empty")).to_contain_text("No jobs yet")
 
-            other.stop()
-            banner = page.locator(".jp-CumulusPanel-error")
-            expect(banner).to_contain_text("Cannot update the job list")
-            attempts = []
-            page.on("request", lambda r: attempts.append(r.url) if is_poll(r) else None)
-            # An observation window: a poll that did not back off would ask 8 times.
-            page.wait_for_timeout(8 * POLL_SECONDS * 1000)
-            assert 1 <= len(attempts) <= 6, attempts
-            expect(banner).to_be_visible()
-        finally:
-            context.close()
+        other.stop()
+        banner = page.locator(".jp-CumulusPanel-error")
+        expect(banner).to_contain_text("Cannot update the job list")
+        attempts = []
+        page.on("request", lambda r: attempts.append(r.url) if is_poll(r) else None)
+        # An observation window: a poll that did not back off would ask 8 times.
+        page.wait_for_timeout(8 * POLL_SECONDS * 1000)
+        assert 1 <= len(attempts) <= 6, attempts
+        expect(banner).to_be_visible()
 
 
 def test_the_panel_works_under_a_base_url(browser, tmp_path):
@@ -381,9 +361,7 @@ def test_the_panel_works_under_a_base_url(browser, tmp_path):
     with running_lab(tmp_path, base_url="/user/alice/") as other:
         client = CumulusClient(other.url, token=other.token)
         job, _ = start_training(client, other, "behind-a-prefix")
-        context = browser.new_context(viewport={"width": 1400, "height": 900})
-        try:
-            page = context.new_page()
+        with new_page(browser, VIEWPORT) as page:
             open_lab(page, other)
             open_panel(page)
             row = job_row(page, job.id)
@@ -391,5 +369,3 @@ def test_the_panel_works_under_a_base_url(browser, tmp_path):
             button(row, "Pause").click()
             expect(row).to_have_attribute("data-state", "paused", timeout=60_000)
             assert other.job(job.id)["state"] == "paused"
-        finally:
-            context.close()

@@ -12,6 +12,8 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+from servers import labextension_list
+
 from cumulus_jupyter import __version__
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,14 +65,7 @@ def test_the_wheel_ships_the_labextension_and_the_server_config(tmp_path):
         capture_output=True,
     )
     env = {**os.environ, "JUPYTER_PATH": str(prefix / "share" / "jupyter")}
-    listing = subprocess.run(
-        [str(Path(sys.executable).parent / "jupyter"), "labextension", "list"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-    )
-    text = re.sub(r"\x1b\[[0-9;]*m", "", listing.stdout + listing.stderr)
+    text = labextension_list(env)
     installed = str(prefix / "share" / "jupyter" / "labextensions")
     assert installed in text, text
     # The entries listed under that directory: its indented lines.

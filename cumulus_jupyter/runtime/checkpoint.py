@@ -301,11 +301,13 @@ class Checkpointer:
         if checkpoint is not None:
             entry = self.index.get(checkpoint)
             path = Path(entry["path"]) if entry else Path(checkpoint).expanduser()
-            state = self._read(path)
+            entry = entry or self._entry_at(path)
+            state = read_checkpoint(path, entry_hash(entry))
         elif (explicit := self._explicit_target()) is not None:
-            path, state = explicit, self._read(explicit)
+            path, entry = explicit, self._entry_at(explicit)
+            state = read_checkpoint(path, entry_hash(entry))
         else:
-            path, state = self._read_newest_good()
+            path, entry, state = self._read_newest_good()
         # The state is memory-mapped from the file: load_state_dict copies the
         # model's tensors; the optimizer would keep references, so it gets a
         # copy (the file may be deleted by retention while training goes on).
@@ -327,12 +329,9 @@ class Checkpointer:
             "step": state.get("step", 0),
             "extra": state.get("extra"),
             "path": str(path),
-            "name": (self._entry_at(path) or {}).get("name", path.name),
+            "name": entry["name"] if entry else path.name,
             "time": state.get("time"),
         }
-
-    def _read(self, path: Path) -> dict[str, Any]:
-        return read_checkpoint(path, entry_hash(self._entry_at(path)))
 
     def _entry_at(self, path: Path) -> dict[str, Any] | None:
         """The manifest entry whose file is ``path``, if it is one of this job's."""
@@ -340,7 +339,7 @@ class Checkpointer:
             return None
         return next((e for e in self.index.entries() if e["path"] == str(path)), None)
 
-    def _read_newest_good(self) -> tuple[Path, dict[str, Any]]:
+    def _read_newest_good(self) -> tuple[Path, dict[str, Any], dict[str, Any]]:
         entries = self.index.entries()
         if not entries:
             raise CheckpointError(
@@ -357,11 +356,11 @@ class Checkpointer:
             if failures:
                 print(
                     f"cumulus: {'; '.join(failures)}. Loaded the newest good checkpoint "
-                    f"instead: {path.name}",
+                    f"instead: {entry['name']}",
                     file=sys.stderr,
                     flush=True,
                 )
-            return path, state
+            return path, entry, state
         raise CheckpointError("no checkpoint could be loaded: " + "; ".join(failures))
 
     # -- exact iteration ---------------------------------------------------------

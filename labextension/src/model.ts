@@ -175,11 +175,20 @@ export class JobsModel implements IDisposable {
           this._metrics.delete(id);
         }
       }
-      // A finished job's metrics are fetched once; an active job's at every
-      // update, from where the last update stopped.
+      // An active job's metrics are fetched at every update, from where the
+      // last update stopped, and once more after it stops (its last records);
+      // a job first seen stopped, once.
+      const wasActive = new Set(
+        this._jobs.filter(j => ACTIVE.has(j.state)).map(j => j.id)
+      );
       await Promise.all(
         jobs
-          .filter(j => ACTIVE.has(j.state) || !this._metrics.has(j.id))
+          .filter(
+            j =>
+              ACTIVE.has(j.state) ||
+              wasActive.has(j.id) ||
+              !this._metrics.has(j.id)
+          )
           .map(j => this._fetchMetrics(j.id))
       );
       const selected = this._selected;
