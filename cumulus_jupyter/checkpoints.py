@@ -12,7 +12,14 @@ old one only after the manifest points at the new one: a kill at any moment
 leaves the name listed with a file that matches its recorded hash.
 
 Both writers, the job (saving) and the server (deleting), take an exclusive
-``flock`` on ``.lock`` so neither loses the other's update.
+``flock`` on ``.lock`` so neither loses the other's update. Every write of a
+manifest or a sidecar happens under that lock, so a temporary file of theirs
+seen by a holder of the lock was left by a writer that died.
+
+Each committed file also has a sidecar, ``.<file>.json``, holding its entry
+(written before the manifest, under the lock). A damaged or deleted manifest
+is rebuilt from the sidecars whose file still matches its recorded hash, so
+damage to one small file never unlists the checkpoints it described.
 
 This module must not import torch: the server uses it.
 """
@@ -21,16 +28,75 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import logging
+import mmap
 import os
 import re
+import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
 from .fileio import atomic_write_json, make_private_dir, read_json
 
 MANIFEST = "manifest.json"
+#: Where a damaged manifest is kept for inspection after it was rebuilt.
+DAMAGED_MANIFEST = "manifest.json.damaged"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+#: ``.<file>.<pid>.<hex>.tmp``: a checkpoint being written by process ``pid``.
+_CHECKPOINT_TMP_RE = re.compile(r"^\.(?P<file>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+log = logging.getLogger(__name__)
+
+
+def temporary_path(final: Path) -> Path:
+    """Where a checkpoint is written before it is renamed to ``final``.
+
+    The name carries the writer's pid, so a later run can tell a temporary
+    file of a save still in progress (its process is alive) from one a
+    killed save left behind.
+    """
+    return final.parent / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+def _sidecar(directory: Path, filename: str) -> Path:
+    return directory / f".{filename}.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+#: The content hash of new checkpoints: XXH3-128 runs at memory bandwidth, so
+#: verifying costs one pass over the file's pages (about 0.2 s for 1.6 GB in
+#: benchmarks/checkpoint.py), far less than writing them. It guards against
+#: corruption and truncation, not against an attacker who can write the files.
+HASH = "xxh3_128"
+
+
+def hasher(algorithm: str) -> Any:
+    """A new hash object for ``algorithm`` (``xxh3_128``, or a hashlib name)."""
+    return xxhash.xxh3_128() if algorithm == HASH else hashlib.new(algorithm)
+
+
+def file_hash(path: Path, algorithm: str) -> str:
+    """``algorithm:hexdigest`` of a file's content (memory-mapped, one pass)."""
+    h = hasher(algorithm)
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                h.update(mapped)
+    return f"{algorithm}:{h.hexdigest()}"
 
 
 def valid_checkpoint_name(name: str) -> bool:
@@ -56,20 +122,50 @@ class CheckpointIndex:
             os.close(fd)
 
     def _read(self) -> dict[str, Any]:
+        """The manifest; :class:`ValueError` when it is damaged or missing with sidecars."""
         data = read_json(self.dir / MANIFEST, default=None)
-        if not isinstance(data, dict) or not isinstance(data.get("checkpoints"), list):
+        if data is None:
+            if any(self.dir.glob(".*.json")):
+                raise ValueError(f"{self.dir / MANIFEST} is missing")
             return {"version": 1, "seq": 0, "checkpoints": []}
+        if not isinstance(data, dict) or not isinstance(data.get("checkpoints"), list):
+            raise ValueError(f"{self.dir / MANIFEST} is not a checkpoint manifest")
         return data
+
+    def clean_stale_temporaries(self) -> list[Path]:
+        """Remove temporary files that killed writers left behind; return them.
+
+        A checkpoint's temporary file goes only when the process named in it
+        is gone (a save in progress elsewhere keeps its file). Manifest and
+        sidecar temporaries are written under the lock, so while this holds
+        the lock any of them is stale.
+        """
+        removed: list[Path] = []
+        if not self.dir.is_dir():
+            return removed
+        with self.locked():
+            for path in self.dir.glob(".*.tmp"):
+                match = _CHECKPOINT_TMP_RE.match(path.name)
+                if match is not None:
+                    pid = int(match["pid"])
+                    if pid == os.getpid() or _alive(pid):
+                        continue
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path)
+        return removed
 
     def entries(self) -> list[dict[str, Any]]:
         """Committed checkpoints, oldest first, each with its absolute ``path``.
 
-        Entries whose file has disappeared are left out.
+        Entries whose file has disappeared are left out. A damaged or missing
+        manifest is rebuilt first (see :meth:`rebuild`).
         """
         try:
             data = self._read()
         except ValueError:
-            return []
+            with self.locked():
+                data = self._read_or_rebuild()
         out = []
         for entry in data["checkpoints"]:
             if not isinstance(entry, dict) or not valid_checkpoint_name(str(entry.get("name"))):
@@ -106,6 +202,8 @@ class CheckpointIndex:
             used = {_file_of(e) for e in self._read()["checkpoints"] if isinstance(e, dict)}
         except ValueError:
             used = set()
+        # A file that only a sidecar describes may be listed again by a rebuild.
+        used |= {p.name[1:-5] for p in self.dir.glob(".*.json")}
         if name not in used:
             return name
         stem, dot, suffix = name.rpartition(".")
@@ -125,7 +223,7 @@ class CheckpointIndex:
         manifest no longer lists it.
         """
         with self.locked():
-            data = self._read_or_reset()
+            data = self._read_or_rebuild()
             data["seq"] = int(data.get("seq", 0)) + 1
             entry = {**entry, "seq": data["seq"]}
             entry.pop("path", None)
@@ -134,6 +232,8 @@ class CheckpointIndex:
             replaced = [e for e in data["checkpoints"] if e.get("name") == entry["name"]]
             data["checkpoints"] = [e for e in data["checkpoints"] if e.get("name") != entry["name"]]
             data["checkpoints"].append(entry)
+            # The sidecar first: a manifest lost later can be rebuilt from it.
+            atomic_write_json(_sidecar(self.dir, _file_of(entry)), entry)
             atomic_write_json(self.dir / MANIFEST, data)
             self._unlink_unlisted(replaced, data)
         return entry
@@ -143,7 +243,7 @@ class CheckpointIndex:
         if not valid_checkpoint_name(name):
             return False
         with self.locked():
-            data = self._read_or_reset()
+            data = self._read_or_rebuild()
             removed = [e for e in data["checkpoints"] if e.get("name") == name]
             if removed:
                 data["checkpoints"] = [e for e in data["checkpoints"] if e.get("name") != name]
@@ -159,16 +259,80 @@ class CheckpointIndex:
         for old in entries:
             filename = _file_of(old) if isinstance(old, dict) else ""
             if valid_checkpoint_name(filename) and filename not in still_used:
-                with contextlib.suppress(FileNotFoundError):
-                    (self.dir / filename).unlink()
+                # The file before its sidecar: a sidecar without a file is ignored.
+                for path in (self.dir / filename, _sidecar(self.dir, filename)):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
 
-    def _read_or_reset(self) -> dict[str, Any]:
+    def _read_or_rebuild(self) -> dict[str, Any]:
+        """The manifest, rebuilt and written first if it is damaged (hold the lock)."""
         try:
             return self._read()
-        except ValueError:
-            # A damaged manifest is rebuilt from nothing rather than blocking
-            # every future save; the files themselves are left on disk.
-            return {"version": 1, "seq": 0, "checkpoints": []}
+        except ValueError as e:
+            return self.rebuild(str(e))
+
+    def rebuild(self, reason: str = "rebuild requested") -> dict[str, Any]:
+        """Write the manifest anew from the sidecars whose file still verifies (hold the lock).
+
+        Each sidecar names a file, its size and its content hash; a file that
+        is missing, has another size or does not match the hash is left out
+        (and left on disk). The damaged manifest is kept as
+        ``manifest.json.damaged``. Returns the new manifest.
+        """
+        manifest = self.dir / MANIFEST
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(manifest, self.dir / DAMAGED_MANIFEST)
+        found: dict[str, dict[str, Any]] = {}
+        for sidecar in self.dir.glob(".*.json"):
+            entry = self._verified_sidecar(sidecar)
+            if entry is None:
+                continue
+            current = found.get(entry["name"])
+            if current is None or int(entry.get("seq", 0)) > int(current.get("seq", 0)):
+                found[entry["name"]] = entry
+        entries = sorted(found.values(), key=lambda e: (int(e.get("seq", 0)), e.get("time") or 0))
+        data = {
+            "version": 1,
+            "seq": max((int(e.get("seq", 0)) for e in entries), default=0),
+            "checkpoints": entries,
+            "rebuilt": {"time": time.time(), "reason": reason},
+        }
+        atomic_write_json(manifest, data)
+        log.warning(
+            "cumulus: rebuilt %s (%s): %d checkpoint(s) verified and listed again",
+            manifest,
+            reason,
+            len(entries),
+        )
+        return data
+
+    def _verified_sidecar(self, sidecar: Path) -> dict[str, Any] | None:
+        try:
+            entry = read_json(sidecar)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(entry, dict) or not valid_checkpoint_name(str(entry.get("name"))):
+            return None
+        filename = _file_of(entry)
+        path = self.dir / filename
+        recorded = str(entry.get("hash") or "")
+        if (
+            sidecar.name != f".{filename}.json"
+            or not valid_checkpoint_name(filename)
+            or ":" not in recorded
+            or not path.is_file()
+            or path.is_symlink()
+        ):
+            return None
+        try:
+            if (
+                path.stat().st_size != entry.get("size")
+                or file_hash(path, recorded.split(":", 1)[0]) != recorded
+            ):
+                return None
+        except (OSError, ValueError):
+            return None
+        return entry
 
 
 def _file_of(entry: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -190,6 +191,147 @@ def names():
     return [c["name"] for c in list_checkpoints()]
 
 
+class Schedule:
+    """Not a tensor, number or container: only a full unpickling recreates it."""
+
+    def __init__(self, warmup):
+        self.warmup = warmup
+
+
+def test_weights_only_refuses_arbitrary_objects_and_only_a_recorded_hash_lets_them_load(
+    job_dir, tmp_path_factory
+):
+    model, optimizer = model_and_optimizer()
+    path = Checkpointer().save(model, optimizer, 0, 1, extra={"schedule": Schedule(7)})
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)  # what torch itself says
+    # In its own job the manifest's hash vouches for the file: the fallback
+    # unpickles it fully and the object comes back.
+    restored, _ = model_and_optimizer(seed=1)
+    state = Checkpointer().load(restored)
+    assert state["extra"]["schedule"].warmup == 7
+    assert torch.equal(restored.weight, model.weight)
+    # A copy outside the job has no recorded hash: refused, with what to do.
+    copy = tmp_path_factory.mktemp("elsewhere") / "copy.pt"
+    copy.write_bytes(Path(path).read_bytes())
+    with pytest.raises(CheckpointError, match=r"no recorded hash.*weights_only=False") as info:
+        Checkpointer(copy).load(restored)
+    assert str(copy) in str(info.value)
+    # A changed file is caught by its hash before anything is unpickled.
+    data = bytearray(Path(path).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    Path(path).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        Checkpointer().load(restored, checkpoint="checkpoint-e0-s1.pt")
+
+
+def test_a_new_checkpointer_never_removes_another_writers_temporary_files(job_dir):
+    # A second process saves in a loop while this one keeps making new
+    # Checkpointers (as a restarted run or verify_resume does): the writer's
+    # in-flight checkpoint and manifest temporaries must survive every one.
+    saves = 40
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import torch
+                from cumulus_jupyter.runtime import Checkpointer
+                model = torch.nn.Linear(64, 64)
+                ckpt = Checkpointer()
+                for step in range({saves}):
+                    ckpt.save(model, None, 0, step)
+                """
+            ),
+        ],
+        env={**os.environ, "CUMULUS_JOB_DIR": str(job_dir)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    made = 0
+    while writer.poll() is None:
+        Checkpointer()
+        made += 1
+    assert writer.returncode == 0, writer.stderr.read()
+    assert made > saves  # the cleanups really ran beside the saves
+    assert names() == [f"checkpoint-e0-s{step}.pt" for step in range(saves)]
+    assert not list((job_dir / "checkpoints").glob(".*.tmp"))
+
+
+def test_temporaries_of_killed_writers_are_removed(job_dir):
+    directory = job_dir / "checkpoints"
+    directory.mkdir()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stale = [
+        directory / f".checkpoint-e0-s1.pt.{dead.stdout.strip()}.0123abcd.tmp",
+        directory / ".manifest.json.k2j4l5m6.tmp",
+        directory / "..checkpoint-e0-s1.pt.json.q1w2e3r4.tmp",
+    ]
+    alive = directory / f".checkpoint-e0-s2.pt.{os.getppid()}.0123abcd.tmp"
+    for path in [*stale, alive]:
+        path.write_bytes(b"partial")
+    Checkpointer()
+    assert sorted(p.name for p in directory.glob(".*.tmp")) == [alive.name]
+
+
+def save_three(model, optimizer):
+    ckpt = Checkpointer()
+    return [Path(ckpt.save(model, optimizer, 0, step)) for step in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong shape", "deleted"])
+def test_a_damaged_manifest_is_rebuilt_from_the_files_that_verify(job_dir, damage):
+    directory = job_dir / "checkpoints"
+    model, optimizer = model_and_optimizer()
+    paths = save_three(model, optimizer)
+    manifest = directory / "manifest.json"
+    original = manifest.read_bytes()
+    damaged = {
+        "truncated": original[: len(original) // 2],
+        "garbage": os.urandom(300),
+        "wrong shape": b"[1, 2, 3]",
+        "deleted": None,
+    }[damage]
+    if damaged is None:
+        manifest.unlink()
+    else:
+        manifest.write_bytes(damaged)
+    # One file was damaged too: it verifies no more and is not listed again,
+    # but it stays on disk.
+    data = bytearray(paths[1].read_bytes())
+    data[len(data) // 2] ^= 0x01
+    paths[1].write_bytes(bytes(data))
+
+    # The server lists them (without torch), and the job's next save keeps them.
+    assert [e["name"] for e in CheckpointIndex(directory).entries()] == [
+        "checkpoint-e0-s1.pt",
+        "checkpoint-e0-s3.pt",
+    ]
+    Checkpointer().save(model, optimizer, 0, 4)
+    assert names() == ["checkpoint-e0-s1.pt", "checkpoint-e0-s3.pt", "checkpoint-e0-s4.pt"]
+    assert paths[1].exists()
+    restored, _ = model_and_optimizer(seed=3)
+    assert Checkpointer().load(restored, checkpoint="checkpoint-e0-s1.pt")["step"] == 1
+    assert torch.equal(restored.weight, model.weight)
+    if damaged is not None:  # what was damaged is kept for a look
+        assert (directory / "manifest.json.damaged").read_bytes() == damaged
+
+
+def test_a_damaged_manifest_is_rebuilt_when_the_server_deletes_a_checkpoint(job_dir):
+    directory = job_dir / "checkpoints"
+    save_three(*model_and_optimizer())
+    (directory / "manifest.json").write_text("{")
+    index = CheckpointIndex(directory)  # what the server's DELETE uses
+    assert index.remove("checkpoint-e0-s2.pt")
+    assert [e["name"] for e in index.entries()] == ["checkpoint-e0-s1.pt", "checkpoint-e0-s3.pt"]
+
+
 def test_retention_keep_last(job_dir):
     model, optimizer = model_and_optimizer()
     ckpt = Checkpointer(keep_last=2)
@@ -197,6 +339,8 @@ def test_retention_keep_last(job_dir):
         ckpt.save(model, optimizer, 0, step)
     assert names() == ["checkpoint-e0-s3.pt", "checkpoint-e0-s4.pt"]
     assert files(job_dir / "checkpoints") == [
+        ".checkpoint-e0-s3.pt.json",  # each kept file's sidecar, and no other
+        ".checkpoint-e0-s4.pt.json",
         ".lock",
         "checkpoint-e0-s3.pt",
         "checkpoint-e0-s4.pt",

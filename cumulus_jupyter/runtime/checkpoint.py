@@ -109,7 +109,7 @@ class Checkpointer:
         self._resume: ResumePoint | None = None
         self._epoch_start: dict[str, Any] | None = None
         self._global_step = 0
-        persist.clean_stale_temporaries(self.index.dir)
+        self.index.clean_stale_temporaries()
 
     # -- where -----------------------------------------------------------------
 

@@ -8,31 +8,25 @@ A save is two steps, so the slow one can run beside training:
    rename it into place, fsync the directory, then list it in the manifest.
 
 A crash, a kill or a full disk at any moment leaves the previous checkpoints
-intact and no partial file listed. Reads check the SHA-256 recorded at save.
+intact and no partial file listed. Reads check the XXH3-128 hash recorded at
+save (or the SHA-256 of checkpoints listed before the switch to XXH3).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import mmap
 import os
 import pickle
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import xxhash
 
+from ..checkpoints import HASH, file_hash, hasher, temporary_path
 from ..fileio import FILE_MODE, fsync_dir
 
 FORMAT = "cumulus-checkpoint"
-#: The content hash of new checkpoints: XXH3-128 runs at memory speed (tens of
-#: GB/s), so verifying costs next to nothing beside reading; it guards against
-#: corruption and truncation, not against an attacker who can write the files.
-HASH = "xxh3_128"
 
 
 def entry_hash(entry: dict[str, Any] | None) -> str | None:
@@ -44,12 +38,6 @@ def entry_hash(entry: dict[str, Any] | None) -> str | None:
     if entry.get("sha256"):  # manifests written before the switch to XXH3
         return f"sha256:{entry['sha256']}"
     return None
-
-
-def _hasher(algorithm: str) -> Any:
-    if algorithm == HASH:
-        return xxhash.xxh3_128()
-    return hashlib.new(algorithm)
 
 
 @contextlib.contextmanager
@@ -113,7 +101,7 @@ class _HashingWriter:
 
     def __init__(self, f: Any):
         self._f = f
-        self.hash = _hasher(HASH)
+        self.hash = hasher(HASH)
         self.size = 0
         # torch's writer turns a failed write into an unrelated RuntimeError;
         # keep the real cause (e.g. "File too large") to report it.
@@ -137,28 +125,9 @@ class _HashingWriter:
         self._f.flush()
 
 
-def _tmp_path(final: Path) -> Path:
-    # The pid tells a later run which temporary files are stale.
-    return final.parent / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-
-
-def clean_stale_temporaries(directory: Path) -> list[Path]:
-    """Remove temporary files that a killed save left behind (not this process's)."""
-    removed = []
-    with contextlib.suppress(FileNotFoundError):
-        for path in directory.glob(".*.tmp"):
-            parts = path.name.split(".")
-            pid = parts[-3] if len(parts) >= 4 else ""
-            if pid != str(os.getpid()):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                    removed.append(path)
-    return removed
-
-
 def write_checkpoint(state: dict[str, Any], final: Path) -> tuple[int, str]:
     """Persist ``state`` at ``final`` atomically; return (size, "algorithm:hexdigest")."""
-    tmp = _tmp_path(final)
+    tmp = temporary_path(final)
     writer: _HashingWriter | None = None
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
@@ -198,7 +167,7 @@ def read_checkpoint(path: Path, expected_hash: str | None = None) -> dict[str, A
     if expected_hash:
         algorithm = expected_hash.split(":", 1)[0]
         try:
-            actual = _mapped_hash(path, algorithm)
+            actual = file_hash(path, algorithm)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"checkpoint {path} could not be read: {e}") from e
         if actual != expected_hash:
@@ -212,7 +181,9 @@ def read_checkpoint(path: Path, expected_hash: str | None = None) -> dict[str, A
         if not expected_hash:
             raise CheckpointError(
                 f"checkpoint {path} holds objects that only a full unpickling can load, and "
-                "no recorded hash vouches for it: refusing to load it"
+                "no recorded hash vouches for it: refusing to load it. Load it by its name "
+                "inside the job that saved it, or, if you trust the file, with "
+                "torch.load(path, weights_only=False)"
             ) from None
         # `extra` holds objects weights_only refuses; the hash shows the file
         # is the one Checkpointer.save wrote for this job.
@@ -222,15 +193,3 @@ def read_checkpoint(path: Path, expected_hash: str | None = None) -> dict[str, A
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a cumulus checkpoint")
     return state
-
-
-def _mapped_hash(path: Path, algorithm: str) -> str:
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            h = _hasher(algorithm)
-        else:
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                h = _hasher(algorithm)
-                h.update(mapped)
-    return f"{algorithm}:{h.hexdigest()}"
