@@ -231,9 +231,23 @@ class Job:
         self.id: str = record["id"]
         self._record = record
 
+    @property
+    def _record(self) -> dict[str, Any]:
+        """The record as last received from the server (see ``_seen``)."""
+        return self.__record
+
+    @_record.setter
+    def _record(self, record: dict[str, Any]) -> None:
+        self.__record = record
+        self._seen = time.monotonic()
+
     def __repr__(self) -> str:
+        # A repr must not call the server (it is shown in tracebacks, also
+        # when the server is down), so it says how old the state it shows is.
         r = self._record
-        return f"<Job {self.id} {r.get('name')!r} {r.get('state')}>"
+        age = time.monotonic() - self._seen
+        seen = f" as of {_format_age(age)} ago; status() refreshes" if age >= 1 else ""
+        return f"<Job {self.id} {r.get('name')!r} {r.get('state')}{seen}>"
 
     @property
     def name(self) -> str:
@@ -442,3 +456,11 @@ def _find_unpicklable(
             if fails(value):
                 return f"variable {name!r} ({type(value).__name__}) captured by {func.__name__}"
     return f"the function {getattr(func, '__qualname__', func)!r}"
+
+
+def _format_age(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
+    return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"

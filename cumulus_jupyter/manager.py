@@ -32,8 +32,9 @@ from .spec import SpecError, parse_duration, parse_gpu_memory, parse_name, pytho
 from .states import ACTIVE, RESUMABLE, JobState, can_transition
 from .store import JobStore
 
-#: Environment variables a job must not inherit from the server.
-_SECRET_ENV = ("CUMULUS_TOKEN", "JUPYTER_TOKEN", "JPY_API_TOKEN")
+#: Environment variables a job must not inherit from the server: its own
+#: token, and JupyterHub's API token under its current and its legacy name.
+_SECRET_ENV = ("CUMULUS_TOKEN", "JUPYTER_TOKEN", "JPY_API_TOKEN", "JUPYTERHUB_API_TOKEN")
 _SUBMIT_FIELDS = {"payload", "name", "gpu_memory", "duration", "python", "python_version"}
 _MONITOR_INTERVAL = 0.2
 _LOG_CHUNK = 1 << 20
@@ -503,6 +504,9 @@ class JobManager:
             PYTHONUNBUFFERED="1",
             # Pin the job to its device; with no GPUs configured, hide them all.
             CUDA_VISIBLE_DEVICES=device if self.ledger.has_gpus else "",
+            # Device numbers are nvidia-smi's (PCI bus order); CUDA's default
+            # order (fastest first) may number the cards differently.
+            CUDA_DEVICE_ORDER="PCI_BUS_ID",
         )
         return env
 

@@ -52,6 +52,19 @@ def train_with_checkpoints():
     return {"status": "completed"}
 
 
+def train_with_checkpoints_after(ready_path):
+    """The seed's training, once torch is imported and ``ready_path`` says so.
+
+    A pause that lands while a job still imports torch waits for the job's
+    first ``should_pause()``; on a loaded machine that can outlast a short
+    pause deadline, which then escalates. Tests pause after this file appears.
+    """
+    import torch  # noqa: F401  (the slow part of a start)
+
+    open(ready_path, "w").close()
+    return train_with_checkpoints()
+
+
 def resumable_train(epochs=3, steps=20, step_seconds=0.02, every_steps=5):
     """Seed-style manual resume: load if a checkpoint exists, continue after its step."""
     import time
@@ -374,3 +387,84 @@ def train_until_released(release_path, every_steps=3, step_seconds=0.05):
             return {"status": "completed", "resumed_at": start, "finished_at": step}
         step += 1
         time.sleep(step_seconds)
+
+
+def save_past_a_file_size_limit(limit=1 << 20):
+    """One small save, then a file-size limit on itself and a 4 MiB save past it.
+
+    It leaves SIGXFSZ as the job process set it: only a job process that
+    ignores SIGXFSZ gets an error from the second save instead of being killed.
+    """
+    import resource
+    import signal
+
+    import torch
+
+    ckpt = Checkpointer()
+    ckpt.save(torch.nn.Linear(8, 8), None, 0, 1)
+    print(f"SIGXFSZ handler: {signal.getsignal(signal.SIGXFSZ)!r}", flush=True)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    ckpt.save(torch.nn.Linear(1024, 1024), None, 0, 2)
+    return "the save past the limit did not fail"
+
+
+def async_save_fails_after_return(limit=1 << 20):
+    """A good save, then an asynchronous save that cannot succeed; returns without waiting."""
+    import resource
+
+    import torch
+
+    ckpt = Checkpointer(blocking=False)
+    ckpt.save(torch.nn.Linear(8, 8), None, 0, 1, blocking=True)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    ckpt.save(torch.nn.Linear(1024, 1024), None, 0, 2)  # 4 MiB, written in the background
+    return "returned before its last save was durable"
+
+
+def whole_environment():
+    """Every environment variable the job process sees."""
+    import os
+
+    return dict(os.environ)
+
+
+def save_only_when_paused(steps=60, step_seconds=0.05):
+    """Steps without periodic checkpoints: the only save is the pause's own.
+
+    After a resume it continues right after that checkpoint's step.
+    """
+    import time
+
+    import torch
+
+    model = torch.nn.Linear(4, 1)
+    ckpt = Checkpointer()
+    start = ckpt.load(model)["step"] + 1 if ckpt.exists() else 0
+    for step in range(start, steps):
+        time.sleep(step_seconds)
+        if should_pause():
+            ckpt.save(model, None, 0, step)
+            return {"status": "paused", "step": step}
+    return {"status": "completed", "start": start}
+
+
+def print_lines_around(ready_path, release_path, before=100, after=15000):
+    """Print ``before`` lines, say so in ``ready_path``, wait for ``release_path``, print more.
+
+    Each line is 98 bytes, mostly three-byte characters (so a read that ends
+    at 1 MiB ends inside a character).
+    """
+    import os
+    import time
+
+    def line(i):
+        return f"{i:06d} " + "日" * 30
+
+    for i in range(before):
+        print(line(i))
+    open(ready_path, "w").close()
+    while not os.path.exists(release_path):
+        time.sleep(0.02)
+    for i in range(before, before + after):
+        print(line(i))
+    return before + after

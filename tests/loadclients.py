@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import random
 import sys
 import time
@@ -23,6 +24,10 @@ class Recorder:
         self.status_latencies: list[float] = []
         self.codes: dict[int, int] = {}
         self.states: dict[str, list[str]] = {}
+        #: job id -> [(action, state the job was in, response code)]
+        self.actions: dict[str, list[tuple[str, str, int]]] = {}
+        #: job id -> the state its last accepted action implies
+        self.implied: dict[str, str] = {}
 
 
 async def call(http, base, token, rec, method, path, body=None):
@@ -91,6 +96,128 @@ async def run_clients(
     rngs = [random.Random(i) for i in range(n)]
     finals = await asyncio.gather(
         *(lifecycle(http, base, token, rec, payload, rngs[i], deadline, share) for i in range(n))
+    )
+    http.close()
+    return rec, finals
+
+
+#: States a job cannot leave by itself while it holds (see ``pausable_hold``):
+#: only a request of its own client moves it on, so a client that acts only in
+#: these states knows the state its request meets.
+STABLE = {"running", "paused", "completed", "cancelled", "failed", "timed_out", "lost"}
+#: What an accepted request, or releasing the job, makes of it in the end.
+OUTCOME = {"pause": "paused", "cancel": "cancelled", "release": "completed"}
+
+
+def pausable_hold(release_path):
+    """Runs until paused, cancelled or released (``release_path`` exists).
+
+    ``<release_path>.run<N>`` appears once run N is inside this function, so
+    a client can tell a job that checks ``should_pause()`` from one still
+    starting (whose pause would wait for it, and escalate on a loaded machine).
+    """
+    import os
+    import time
+
+    from cumulus_jupyter.runtime import should_pause
+
+    open(f"{release_path}.run{os.environ['CUMULUS_RUN']}", "w").close()
+    while True:
+        if should_pause():
+            return "paused"
+        if os.path.exists(release_path):
+            return "released"
+        time.sleep(0.02)
+
+
+async def random_lifecycle(http, base, token, rec, python, rng, deadline, release_dir, share=0.02):
+    """One client: a random walk of pause, resume, cancel and release, legal or not.
+
+    It acts only when the job is in a stable state, so each request's
+    expected answer follows from the state it observed; between requests it
+    polls until the job is stable again.
+    """
+    name = f"walk-{rng.random():.12f}"
+    release = f"{release_dir}/{name}"
+    payload = {
+        **python,
+        "payload": base64.b64encode(_pickle_call(pausable_hold, (release,), {})).decode(),
+    }
+    code, job = await call(
+        http, base, token, rec, "POST", "jobs", {**payload, "gpu_memory": share, "name": name}
+    )
+    assert code == 201, (code, job)
+    job_id = job["id"]
+    seen = rec.states.setdefault(job_id, [job["state"]])
+    actions = rec.actions.setdefault(job_id, [])
+
+    def observe(state):
+        if state != seen[-1]:
+            seen.append(state)
+
+    async def settle(leaving=None):
+        while True:
+            code, record = await call(http, base, token, rec, "GET", f"jobs/{job_id}")
+            assert code == 200, code
+            observe(record["state"])
+            stopping = record["state"] == "running" and record.get("cancel_requested")
+            starting = record["state"] == "running" and not os.path.exists(
+                f"{release}.run{record['run']}"
+            )
+            if record["state"] in STABLE and not (
+                stopping or starting or record["state"] == leaving
+            ):
+                return record["state"]
+            assert time.monotonic() < deadline, f"{job_id} never settled: {seen}"
+            await asyncio.sleep(0.05)
+
+    async def request(action, state):
+        code, record = await call(http, base, token, rec, "POST", f"jobs/{job_id}/{action}", {})
+        actions.append((action, state, code))
+        if code == 200:
+            observe(record["state"])  # what the request made of it, however brief
+            if action in OUTCOME:
+                rec.implied[job_id] = OUTCOME[action]
+            else:
+                rec.implied.pop(job_id, None)  # running again: decided later
+
+    async def release_and_settle():
+        open(release, "w").close()
+        rec.implied[job_id] = "completed"
+        return await settle(leaving="running")  # running is not stable once released
+
+    state = await settle()
+    for _ in range(rng.randint(2, 6)):
+        action = rng.choice(["pause", "resume", "cancel"] + (["release"] * (state == "running")))
+        await asyncio.sleep(rng.uniform(0, 0.2))
+        if action == "release":
+            state = await release_and_settle()
+        else:
+            await request(action, state)
+            state = await settle()
+        if state not in ("running", "paused"):
+            break
+    if state == "running":  # every walk ends
+        state = await release_and_settle()
+    if state in ("completed", "cancelled"):  # nothing moves an ended job
+        await request(rng.choice(["pause", "resume", "cancel"]), state)
+    return job_id, await settle()
+
+
+async def run_random_clients(base: str, token: str, n: int, seconds: float, release_dir: str):
+    """``n`` clients, each walking one job at random; returns the recorder and final states."""
+    AsyncHTTPClient.configure(None, max_clients=n + 8)
+    http = AsyncHTTPClient()
+    rec = Recorder()
+    python = {"python": sys.executable, "python_version": python_version()}
+    deadline = time.monotonic() + seconds
+    finals = await asyncio.gather(
+        *(
+            random_lifecycle(
+                http, base, token, rec, python, random.Random(i), deadline, release_dir
+            )
+            for i in range(n)
+        )
     )
     http.close()
     return rec, finals

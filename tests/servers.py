@@ -27,16 +27,21 @@ def free_port() -> int:
 
 
 def wait_until(
-    predicate: Any, timeout: float = 30.0, interval: float = 0.05, what: str = ""
+    predicate: Any, timeout: float = 30.0, interval: float = 0.05, what: Any = ""
 ) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``.
+
+    ``what`` describes the wait in the failure message; a callable is called
+    then, so the message can show the state at the deadline, not at the start.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+            described = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout}s waiting for {described or predicate}")
         time.sleep(interval)
 
 

@@ -10,10 +10,13 @@ import sys
 import time
 
 import cloudpickle
+import jobfuncs
 import psutil
 import pytest
-from servers import wait_until
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+# Job functions travel by value, as the SDK sends a notebook's own code.
+cloudpickle.register_pickle_by_value(jobfuncs)
 
 VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 
@@ -130,20 +133,56 @@ async def test_wrong_state_is_409(jp_fetch):
     assert code == 404
 
 
-async def test_server_never_unpickles_the_payload(jp_fetch, tmp_path):
-    """The payload's unpickling writes the pid of whoever unpickles it: only the job does."""
-    marker = tmp_path / "unpickled-by"
+def tripwire(marker):
+    """An argument whose unpickling appends the unpickling process's pid to ``marker``."""
 
     class Tripwire:
         def __reduce__(self):
-            return (exec, (f"import os; open({str(marker)!r}, 'w').write(str(os.getpid()))",))
+            code = f"import os; open({str(marker)!r}, 'a').write(f'{{os.getpid()}}\\n')"
+            return (exec, (code,))
 
-    body = submit_body(payload=payload(print, (Tripwire(),)))
-    resp = await jp_fetch("cumulus", "api", "jobs", method="POST", body=body)
-    job_id = json.loads(resp.body)["id"]
+    return Tripwire()
+
+
+def pids_in(marker):
+    return [int(line) for line in marker.read_text().split()] if marker.exists() else []
+
+
+async def test_server_never_unpickles_the_payload(jp_fetch, tmp_path):
+    """Only the job process unpickles a payload: the server stores it as bytes."""
+    server_pid = os.getpid()  # pytest-jupyter hosts the server in this process
+
+    # A job that runs: its own process unpickles the payload (the tripwire works) ...
+    ran = tmp_path / "ran"
+    body = submit_body(payload=payload(print, (tripwire(ran),)))
+    job_id = json.loads((await jp_fetch("cumulus", "api", "jobs", method="POST", body=body)).body)[
+        "id"
+    ]
     await jp_fetch("cumulus", "api", "jobs", job_id, "result", params={"wait": 60})
-    wait_until(marker.exists, what="the job to unpickle its payload")
-    assert int(marker.read_text()) != os.getpid()  # this process hosts the server
+    record = json.loads((await jp_fetch("cumulus", "api", "jobs", job_id)).body)
+    assert record["state"] == "completed", record
+    assert pids_in(ran) and server_pid not in pids_in(ran), pids_in(ran)
+
+    # ... and a job that never starts (queued behind a full device, then
+    # cancelled) is never unpickled by anyone.
+    release = tmp_path / "release"
+    blocker = submit_body(payload=payload(jobfuncs.hold_until, (str(release),)), gpu_memory=1.0)
+    blocker_id = json.loads(
+        (await jp_fetch("cumulus", "api", "jobs", method="POST", body=blocker)).body
+    )["id"]
+    queued = tmp_path / "queued"
+    body = submit_body(payload=payload(print, (tripwire(queued),)), gpu_memory=0.5)
+    queued_id = json.loads(
+        (await jp_fetch("cumulus", "api", "jobs", method="POST", body=body)).body
+    )["id"]
+    record = json.loads((await jp_fetch("cumulus", "api", "jobs", queued_id)).body)
+    assert record["state"] == "queued", record  # the blocker holds the whole device
+    await jp_fetch("cumulus", "api", "jobs", queued_id, "cancel", method="POST", body="{}")
+    release.touch()
+    await jp_fetch("cumulus", "api", "jobs", blocker_id, "result", params={"wait": 60})
+    record = json.loads((await jp_fetch("cumulus", "api", "jobs", queued_id)).body)
+    assert record["state"] == "cancelled", record
+    assert pids_in(queued) == []
 
 
 ROUTES = [

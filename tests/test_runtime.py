@@ -144,19 +144,49 @@ def test_report_appends_json_lines(local_dir):
         report(loss=torch.ones(3))
 
 
-def test_save_on_interrupt_saves_then_stops():
+@pytest.fixture
+def own_handlers():
+    """Distinct SIGTERM and SIGINT handlers, so a test can tell they came back."""
+
+    def on_term(signum, frame):  # pragma: no cover - never delivered
+        raise AssertionError("the guard let SIGTERM through to the previous handler")
+
+    def on_int(signum, frame):  # pragma: no cover - never delivered
+        raise AssertionError("the guard let SIGINT through to the previous handler")
+
+    before = {
+        sig: signal.signal(sig, h)
+        for sig, h in ((signal.SIGTERM, on_term), (signal.SIGINT, on_int))
+    }
+    yield {signal.SIGTERM: on_term, signal.SIGINT: on_int}
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
+def test_save_on_interrupt_saves_then_stops(own_handlers):
     model, opt = make()
     ckpt = Checkpointer()
     step = 41
     guard = save_on_interrupt(ckpt, model, opt, lambda: 3, lambda: step)
     with pytest.raises(JobInterrupted) as info, guard:
+        assert signal.getsignal(signal.SIGTERM) is not own_handlers[signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) is not own_handlers[signal.SIGINT]
         step += 1
         os.kill(os.getpid(), signal.SIGTERM)
     assert info.value.checkpoint.endswith("checkpoint-e3-s42.pt")
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(
-        signal.getsignal(signal.SIGTERM)
-    )
+    # Exactly the handlers installed before the block are back.
+    for sig, handler in own_handlers.items():
+        assert signal.getsignal(sig) is handler, signal.Signals(sig).name
     assert [c["step"] for c in list_checkpoints()] == [42]
+
+
+def test_save_on_interrupt_puts_the_handlers_back_when_nothing_arrives(own_handlers):
+    model, opt = make()
+    with save_on_interrupt(Checkpointer(), model, opt, lambda: 0, lambda: 0):
+        pass
+    for sig, handler in own_handlers.items():
+        assert signal.getsignal(sig) is handler, signal.Signals(sig).name
+    assert list_checkpoints() == []
 
 
 def test_should_pause_reads_the_flag_in_a_job(tmp_path, monkeypatch):

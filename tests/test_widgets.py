@@ -38,6 +38,9 @@ def test_buttons_control_the_job_and_follow_its_state(training):
     try:
         wait_until(lambda: w.state == "running", what="the widget to see the job run")
         assert buttons(w) == (True, False, True)  # pause, resume, cancel
+        # A pause while the job still imports torch would stop it before its
+        # first step: pause once the widget shows it training.
+        wait_until(lambda: w.progress.value > 0, what="the widget to show progress")
 
         w.pause_button.click()
         assert training.status() in ("pausing", "paused")
