@@ -56,6 +56,10 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         keys = s["keys"].numpy().astype(np.uint32)
         np.random.set_state((s["kind"], keys, s["pos"], s["has_gauss"], s["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
+        # Start CUDA first: before it starts, torch queues these states and at
+        # its start replays queued seeds (an earlier torch.manual_seed) after
+        # them, so the seed would win. The saved run used CUDA; this one will.
+        torch.cuda.init()
         cuda_states = state["cuda"]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
