@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Developer entry point: ./dev.sh setup | demo | test | lint | screenshots
 #
-# Everything goes into ./.venv. torch is installed first from an explicit pin
-# (TORCH_SPEC, a CPU build by default) so the project's own `torch>=2.1`
-# range never pulls a multi-GB CUDA build; set TORCH_SPEC to what your host
-# needs, e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124".
+# Everything goes into ./.venv. When the venv has no torch, it is installed
+# first from an explicit spec (TORCH_SPEC, default torch==2.13.0, from the
+# index pip is configured with: on stock PyPI for Linux x86_64 that is a CUDA
+# build) so the project's own `torch>=2.1` range installs nothing more. For a
+# CPU build use TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu";
+# for a CUDA one, e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124".
 #
 # The JupyterLab panel (labextension/, TypeScript) is built with npm (Node 20+)
 # before the package is installed, so the install ships the fresh build. The

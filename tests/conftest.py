@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -35,13 +36,24 @@ def jp_server_config(tmp_path):
     return cumulus_server_config(tmp_path)
 
 
+@contextlib.contextmanager
+def serving(srv: ServerProcess) -> Iterator[ServerProcess]:
+    """Start ``srv``; at the end stop it and kill any job process it left behind."""
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        _kill_leftover_jobs(srv.job_root)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A real `jupyter server` subprocess with the extension, shared by a module's tests."""
-    srv = ServerProcess(tmp_path_factory.mktemp("server"), pause_timeout=3, kill_grace=2).start()
-    yield srv
-    srv.stop()
-    _kill_leftover_jobs(srv.job_root)
+    with serving(
+        ServerProcess(tmp_path_factory.mktemp("server"), pause_timeout=3, kill_grace=2)
+    ) as srv:
+        yield srv
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jobfuncs
 import pytest
-from conftest import _kill_leftover_jobs
+from conftest import serving
 from servers import ServerProcess, wait_until
 
 from cumulus_jupyter.errors import JobFailedError
@@ -39,10 +39,8 @@ class ServerWithSecrets(ServerProcess):
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    server = ServerWithSecrets(tmp_path_factory.mktemp("documented")).start()
-    yield server
-    server.stop()
-    _kill_leftover_jobs(server.job_root)
+    with serving(ServerWithSecrets(tmp_path_factory.mktemp("documented"))) as server:
+        yield server
 
 
 @pytest.fixture

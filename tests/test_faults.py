@@ -10,6 +10,7 @@ import subprocess
 import jobfuncs
 import psutil
 import pytest
+from conftest import serving
 from servers import ServerProcess, wait_until
 
 from cumulus_jupyter.errors import InvalidStateError
@@ -29,12 +30,8 @@ def alive(pid, create_time=None):
 
 @pytest.fixture
 def srv(tmp_path):
-    server = ServerProcess(tmp_path, pause_timeout=5, kill_grace=2).start()
-    yield server
-    server.stop()
-    from conftest import _kill_leftover_jobs
-
-    _kill_leftover_jobs(server.job_root)
+    with serving(ServerProcess(tmp_path, pause_timeout=5, kill_grace=2)) as server:
+        yield server
 
 
 def test_server_crash_running_paused_finished_and_dead_jobs(srv):
