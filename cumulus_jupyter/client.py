@@ -22,6 +22,7 @@ from typing import Any
 
 import cloudpickle
 
+from .cellrun import run_cell
 from .errors import (
     BY_CODE,
     BadRequestError,
@@ -29,6 +30,7 @@ from .errors import (
     JobFailedError,
     JobStoppedError,
 )
+from .shipping import Shipment, imported_by_source, ship
 from .spec import format_duration, python_version
 
 URL_ENV = "CUMULUS_SERVER_URL"
@@ -117,19 +119,27 @@ class CumulusClient:
         gpu_memory: float = 1.0,
         duration: float | str | None = None,
         name: str | None = None,
+        ship: Iterable[str] = (),
     ) -> Job:
         """Start ``func(*args, **kwargs)`` as a job and return its :class:`Job` at once.
 
         ``gpu_memory`` is the share of one GPU (``0 < gpu_memory <= 1``) the
         job may use; ``duration`` a limit in seconds or as ``"30m"``/``"2h"``,
         after which the job is paused and ends ``timed_out``, resumable.
+
+        Your own modules that the call uses (``model.py`` beside the notebook,
+        a local package) travel with it as source files; ``ship`` names more
+        modules to send even though they are installed here (an editable
+        install the server's environment lacks). See "What travels with a
+        job" in the README.
         """
         if not callable(func):
             raise BadRequestError(f"func must be callable, got {type(func).__name__}")
         args, kwargs = tuple(args), dict(kwargs or {})
-        payload = _pickle_call(func, args, kwargs)
+        shipment = _ship_call(func, args, kwargs, ship)
         body = {
-            "payload": base64.b64encode(payload).decode("ascii"),
+            "payload": base64.b64encode(shipment.payload).decode("ascii"),
+            "modules": shipment.body(),
             "name": name or getattr(func, "__name__", None) or "job",
             "gpu_memory": gpu_memory,
             "duration": duration,
@@ -148,13 +158,14 @@ class CumulusClient:
         gpu_memory: float = 1.0,
         duration: float | str | None = None,
         name: str | None = None,
+        ship: Iterable[str] = (),
     ) -> Any:
         """Run ``func`` as a job, wait until it stops, and return what it returned.
 
         A function that raised raises :class:`JobFailedError` here, with the
         remote traceback.
         """
-        job = self.run_async(func, args, kwargs, gpu_memory, duration, name)
+        job = self.run_async(func, args, kwargs, gpu_memory, duration, name, ship)
         return job.result()
 
     # -- jobs ------------------------------------------------------------------
@@ -204,10 +215,24 @@ class CumulusClient:
         """Delete one checkpoint (refused for the one a paused job resumes from)."""
         self._request("DELETE", f"jobs/{_quote(job_id)}/checkpoints/{_quote(name)}")
 
-    def get_metrics(self, job_id: str, since: int = 0) -> list[dict[str, Any]]:
-        """What the job recorded with ``report()``, from record number ``since`` on."""
+    def get_metrics(
+        self, job_id: str, since: int = 0, run: int | None = None, all_runs: bool = False
+    ) -> list[dict[str, Any]]:
+        """What the job recorded with ``report()``, from record number ``since`` on.
+
+        One record per step, the newest run's (a step that a resumed run did
+        again shows once). ``run=N`` gives that run's records as written;
+        ``all_runs=True`` every record of every run, each with its ``run``.
+        """
+        params: dict[str, Any] = {}
+        if since:
+            params["since"] = since
+        if run is not None:
+            params["run"] = run
+        if all_runs:
+            params["all"] = "true"
         path = f"jobs/{_quote(job_id)}/metrics"
-        return self._json("GET", path, params={"since": since} if since else None)["metrics"]
+        return self._json("GET", path, params=params or None)["metrics"]
 
     def get_logs(self, job_id: str, offset: int = 0, wait: float = 0.0) -> dict[str, Any]:
         """Log text from byte ``offset``: ``{'data', 'next_offset', 'running', ...}``."""
@@ -283,9 +308,12 @@ class Job:
         """The job's checkpoints, oldest first."""
         return self.client.get_checkpoints(self.id)
 
-    def metrics(self) -> list[dict[str, Any]]:
-        """What the job recorded with ``report()``."""
-        return self.client.get_metrics(self.id)
+    def metrics(self, run: int | None = None, all_runs: bool = False) -> list[dict[str, Any]]:
+        """What the job recorded with ``report()``: one record per step, the newest run's.
+
+        ``run=N`` gives that run's records; ``all_runs=True`` every record.
+        """
+        return self.client.get_metrics(self.id, run=run, all_runs=all_runs)
 
     def logs(self) -> str:
         """Everything the job printed so far, across all its runs."""
@@ -413,11 +441,25 @@ def _installed_module(module_name: str) -> bool:
 
 def _pickle_call(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     """cloudpickle (func, args, kwargs); on failure, name the object that would not go."""
+    return _ship_call(func, args, kwargs).payload
+
+
+def _ship_call(
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    force: Iterable[str] = (),
+) -> Shipment:
+    """The pickled call and the user's own modules that travel with it (see shipping)."""
     module_name = getattr(func, "__module__", None)
     if module_name and not _installed_module(module_name):
         cloudpickle.register_pickle_by_value(sys.modules[module_name])
+    # A %%cumulus cell travels as its source: what it imports shows only there.
+    imports = imported_by_source(args[0]) if func is run_cell and args else set()
     try:
-        return cloudpickle.dumps((func, args, kwargs))
+        return ship(func, args, kwargs, imports=imports, force=force)
+    except ValueError as e:  # too much source to ship
+        raise BadRequestError(f"cannot send the job: {e}") from e
     except Exception as e:
         culprit = _find_unpicklable(func, args, kwargs)
         raise BadRequestError(

@@ -97,6 +97,15 @@ class CumulusHandler(APIHandler):
             )
         return value
 
+    def bool_arg(self, name: str, default: bool) -> bool:
+        raw = self.get_query_argument(name, None)
+        if raw is None:
+            return default
+        value = {"true": True, "1": True, "false": False, "0": False}.get(raw.lower())
+        if value is None:
+            raise web.HTTPError(400, f"{name} must be true or false", reason="bad_request")
+        return value
+
     def reply(self, data: Any, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
@@ -250,12 +259,23 @@ def _complete_utf8(data: bytes) -> bytes:
 
 
 class MetricsHandler(CumulusHandler):
+    """One record per step, the newest run's; ``?run=N``: run N's records as
+    written; ``?all=true``: every record as written. ``?since=N`` pages all three."""
+
     @web.authenticated
     @authorized
     async def get(self, job_id: str) -> None:
         with self.errors():
             since = int(self.number_arg("since", 0, 0, 2**62))
-            records, next_index = self.manager.metrics(job_id, since)
+            run = None
+            if self.get_query_argument("run", None) is not None:
+                run = self.number_arg("run", 1, 1, 2**31)
+                if not run.is_integer():
+                    raise web.HTTPError(400, "run must be a whole number", reason="bad_request")
+            every = self.bool_arg("all", False)
+            records, next_index = self.manager.metrics(
+                job_id, since, run=None if run is None else int(run), every=every
+            )
             self.reply({"metrics": records, "since": since, "next": next_index})
 
 

@@ -166,6 +166,14 @@ class CumulusMagics(Magics):
     @argument("--name", default=None, help="The job's name (default: the cell's number).")
     @argument("--wait", action="store_true", help="Stream the output here and return the result.")
     @argument("--out", default=None, help="Bind the Job to this variable.")
+    @argument(
+        "--ship",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="Send this module's source with the job even though it is installed here "
+        "(repeatable; your own modules beside the notebook travel without it).",
+    )
     @line_cell_magic
     def cumulus(self, line: str, cell: str | None = None) -> Any:
         """Run this cell as a job on the Jupyter server's host, or control jobs.
@@ -173,11 +181,14 @@ class CumulusMagics(Magics):
         Cell magic::
 
             %%cumulus [--gpu-memory F] [--duration D] [--name N] [--wait] [--out VAR]
+                      [--ship MODULE]
 
         The cell runs in its own process with a share of a GPU, independent
         of this kernel. Names it reads from the notebook (data, tensors,
-        functions and classes defined here) are shipped by value; the value of
-        its last expression is the job's result. Without --wait the cell
+        functions and classes defined here) are shipped by value, and your
+        own modules it uses or imports (``model.py`` beside the notebook, a
+        local package) travel as source files; the value of its last
+        expression is the job's result. Without --wait the cell
         returns at once and shows the job's widget; with --wait the job's
         output streams here and the result is the cell's value.
 
@@ -227,6 +238,7 @@ class CumulusMagics(Magics):
                 gpu_memory=gpu_memory,
                 duration=duration,
                 name=name,
+                ship=args.ship,
             )
         except CumulusError as e:
             raise UsageError(str(e)) from None

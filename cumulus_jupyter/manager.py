@@ -28,6 +28,8 @@ from .errors import (
     PayloadTooLargeError,
 )
 from .gpu import ShareLedger
+from .metrics import newest_per_step, with_run
+from .shipping import parse_modules
 from .spec import SpecError, parse_duration, parse_gpu_memory, parse_name, python_version
 from .states import ACTIVE, RESUMABLE, JobState, can_transition
 from .store import JobStore
@@ -35,7 +37,15 @@ from .store import JobStore
 #: Environment variables a job must not inherit from the server: its own
 #: token, and JupyterHub's API token under its current and its legacy name.
 _SECRET_ENV = ("CUMULUS_TOKEN", "JUPYTER_TOKEN", "JPY_API_TOKEN", "JUPYTERHUB_API_TOKEN")
-_SUBMIT_FIELDS = {"payload", "name", "gpu_memory", "duration", "python", "python_version"}
+_SUBMIT_FIELDS = {
+    "payload",
+    "modules",
+    "name",
+    "gpu_memory",
+    "duration",
+    "python",
+    "python_version",
+}
 _MONITOR_INTERVAL = 0.2
 _LOG_CHUNK = 1 << 20
 #: Below this much free space a job that died is said to have met a full disk.
@@ -178,6 +188,14 @@ class JobManager:
             )
         payload = self._decode_payload(body.get("payload"))
         try:
+            files, origins = parse_modules(
+                body.get("modules"), self.max_payload_bytes - len(payload)
+            )
+        except OverflowError:
+            raise PayloadTooLargeError(self._too_large_message()) from None
+        except ValueError as e:
+            raise BadRequestError(str(e)) from None
+        try:
             gpu_memory = parse_gpu_memory(body.get("gpu_memory", 1.0))
             duration = parse_duration(body.get("duration"))
             name = parse_name(body.get("name"), default="job")
@@ -215,7 +233,7 @@ class JobManager:
             "cancel_requested": None,
             "escalation": None,
         }
-        await asyncio.to_thread(self.store.create, job_id, record, payload)
+        await asyncio.to_thread(self.store.create, job_id, record, payload, files, origins)
         self.jobs[job_id] = record
         self._admit()
         return self.public(job_id)
@@ -396,8 +414,17 @@ class JobManager:
             raise InvalidStateError(f"job {job_id} is queued to resume from {name!r}")
         index.remove(name)
 
-    def metrics(self, job_id: str, since: int = 0) -> tuple[list[dict[str, Any]], int]:
-        """Reported metrics from record number ``since`` on, and the number of the next."""
+    def metrics(
+        self, job_id: str, since: int = 0, run: int | None = None, every: bool = False
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Reported metrics from record number ``since`` on, and the number of the next.
+
+        By default one record per step, the newest run's (see
+        :mod:`cumulus_jupyter.metrics`); ``run`` gives that run's records and
+        ``every`` all records, as they were written. Each record has its ``run``.
+        ``since`` and the number returned count the records written, whichever
+        view is asked for, so a poller pages through any of them the same way.
+        """
         path = self.store.path(self.get(job_id)["id"]) / "metrics.jsonl"
         out: list[dict[str, Any]] = []
         count = 0
@@ -411,8 +438,12 @@ class JobManager:
                 with contextlib.suppress(ValueError):
                     record = json.loads(line)
                     if isinstance(record, dict):
-                        out.append(record)
-        return out, count
+                        out.append(with_run(record))
+        if run is not None:
+            return [r for r in out if r["run"] == run], count
+        if every:
+            return out, count
+        return newest_per_step(out), count
 
     def result_bytes(self, job_id: str) -> bytes | None:
         path = self.store.path(self.get(job_id)["id"]) / "result.pkl"

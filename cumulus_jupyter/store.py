@@ -5,6 +5,8 @@
     <job_root>/<job_id>/
       job.json        the spec and the server's record (written by the server)
       func.pkl        the cloudpickled (function, args, kwargs); never unpickled here
+      modules/        the submitter's own modules that travel with the job (source files)
+      modules.json    their list, and where the submitter imported each module from
       control.json    the pause / cancel flags and the chosen resume checkpoint
       state.json      written by the job process itself: pid, start time, outcome
       output.log      stdout and stderr, appended across runs
@@ -23,6 +25,7 @@ from typing import Any
 
 from .errors import JobNotFoundError
 from .fileio import FILE_MODE, atomic_write_bytes, atomic_write_json, make_private_dir, read_json
+from .shipping import write_modules
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -50,10 +53,19 @@ class JobStore:
             raise JobNotFoundError(f"no job {job_id!r}")
         return self.root / job_id
 
-    def create(self, job_id: str, record: dict[str, Any], payload: bytes) -> Path:
+    def create(
+        self,
+        job_id: str,
+        record: dict[str, Any],
+        payload: bytes,
+        files: dict[str, bytes] | None = None,
+        origins: dict[str, str] | None = None,
+    ) -> Path:
+        """Make the job's directory: its payload, the modules that travel with it, its record."""
         d = self.path(job_id)
         d.mkdir(mode=0o700)
         atomic_write_bytes(d / "func.pkl", payload)
+        write_modules(d, files or {}, origins or {})
         atomic_write_json(d / "control.json", {"pause": False, "cancel": False})
         (d / "output.log").touch(mode=FILE_MODE)
         # A job the client was told exists must survive a power loss.

@@ -21,6 +21,7 @@ import ipywidgets as w
 from .client import Job, _quote
 from .errors import CumulusError
 from .logstream import LineAssembler
+from .metrics import StepMerger
 from .spec import format_duration
 
 STATE_COLORS = {
@@ -41,7 +42,9 @@ LEGAL = {
     "cancel": {"queued", "running", "pausing", "paused", "timed_out", "lost"},
 }
 TERMINAL = {"completed", "failed", "cancelled"}
-_NOT_PLOTTED = {"step", "total", "time", "epoch"}
+_NOT_PLOTTED = {"step", "total", "time", "epoch", "run"}
+#: Steps a chart holds at most; past it every other one is dropped (the shape stays).
+_MAX_POINTS = 2000
 _MAX_LOG_BYTES = 256 * 1024  # read per refresh at most; older output is skipped
 
 
@@ -151,8 +154,9 @@ class JobWidget(w.VBox, _Polled):
         self._partial = ""
         self._log_offset = 0
         self._metrics_next = 0
-        self._series: dict[str, list[tuple[float, float]]] = {}
-        self._last_metrics: dict[str, Any] = {}
+        # One point per step, the newest run's: a resume runs the steps after
+        # its checkpoint again, and the chart must not draw them twice.
+        self._metrics = StepMerger(max_steps=_MAX_POINTS, keep_unplaced=False)
         self._refresh_lock = threading.Lock()
         self.refresh()
         if self.record.get("state") not in TERMINAL:
@@ -179,8 +183,7 @@ class JobWidget(w.VBox, _Polled):
                 "GET", f"jobs/{_quote(self.job.id)}/metrics", params={"since": self._metrics_next}
             )
             self._metrics_next = page["next"]
-            for m in page["metrics"]:
-                self._add_metric(m)
+            self._metrics.extend(page["metrics"])
             self._draw(record)
 
     def poll(self) -> bool:
@@ -211,17 +214,17 @@ class JobWidget(w.VBox, _Polled):
             if self._log_offset >= part["size"]:
                 return
 
-    def _add_metric(self, m: dict[str, Any]) -> None:
-        self._last_metrics.update(m)
-        x = m.get("step")
-        if not isinstance(x, int | float):
-            return
-        for key, value in m.items():
-            if key not in _NOT_PLOTTED and isinstance(value, int | float):
-                series = self._series.setdefault(key, [])
-                series.append((float(x), float(value)))
-                if len(series) > 2000:  # keep every other point: the shape stays
-                    del series[::2]
+    @property
+    def series(self) -> dict[str, list[tuple[float, float]]]:
+        """The chart's points: for each plotted metric, ``(step, value)`` in step order,
+        one per step (the newest run's value)."""
+        out: dict[str, list[tuple[float, float]]] = {}
+        for m in self._metrics.records():
+            x = m["step"]  # records() holds only records with a numeric step here
+            for key, value in m.items():
+                if key not in _NOT_PLOTTED and isinstance(value, int | float):
+                    out.setdefault(key, []).append((float(x), float(value)))
+        return out
 
     # -- drawing ---------------------------------------------------------------
 
@@ -250,14 +253,17 @@ class JobWidget(w.VBox, _Polled):
         self.cancel_button.disabled = state not in LEGAL["cancel"] or bool(
             r.get("cancel_requested")
         )
-        step, total = self._last_metrics.get("step"), self._last_metrics.get("total")
+        # The newest run's latest step, not the highest step any run reached:
+        # right after a resume, the steps past its checkpoint are to do again.
+        latest = self._metrics.latest()
+        step, total = latest.get("step"), latest.get("total")
         if isinstance(step, int | float) and isinstance(total, int | float) and total > 0:
             self.progress.value = min(1.0, (step + 1) / total)
             self.progress_label.value = f"step {int(step) + 1} / {int(total)}"
         if state == "completed":
             self.progress.value = 1.0
         self.progress.bar_style = {"completed": "success", "failed": "danger"}.get(state, "info")
-        self.chart.value = _svg_chart(self._series)
+        self.chart.value = _svg_chart(self.series)
         text = html.escape(self.log_text) or "<i>no output yet</i>"
         self.log_view.value = (
             '<pre style="max-height:14em;overflow:auto;background:#f7f7f7;margin:0;'

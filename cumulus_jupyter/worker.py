@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from .fileio import atomic_write_bytes, atomic_write_json, read_json
+from .shipping import install_shipped_modules, missing_module_message
 from .spec import python_version
 
 #: Environment the backend sets for the worker.
 RUN_ENV = "CUMULUS_RUN"
 GPU_FRACTION_ENV = "CUMULUS_GPU_FRACTION"
 NICE_ENV = "CUMULUS_JOB_NICE"
+#: Set by verify_resume only: the seed every generator starts from in each run.
+SEED_ENV = "CUMULUS_VERIFY_SEED"
 
 
 def _process_start_time() -> float | None:
@@ -68,6 +71,30 @@ def _dumps_result(outcome: dict[str, Any]) -> bytes:
         return cloudpickle.dumps(failure)
 
 
+def _seed_for_verification() -> None:
+    """Under verify_resume, start every generator from the same state in every run.
+
+    A real job starts from the OS's entropy like any Python process; the two
+    runs verify_resume compares must not differ by that, only by what the
+    function itself does.
+    """
+    seed = os.environ.get(SEED_ENV)
+    if not seed:
+        return
+    import random
+
+    random.seed(int(seed))
+    try:
+        import numpy as np
+
+        np.random.seed(int(seed))
+    except ImportError:
+        pass
+    import torch
+
+    torch.manual_seed(int(seed))  # CUDA's generators too
+
+
 def run(job_dir: Path) -> int:
     """Run the job in ``job_dir`` once; return the process exit status."""
     # The pause signal's default action would kill the process, so its
@@ -108,6 +135,7 @@ def run(job_dir: Path) -> int:
 
     outcome: dict[str, Any]
     interrupted = False
+    origins: dict[str, str] = {}
     try:
         # The seed's examples say `from runtime import Checkpointer, should_pause`.
         jobcontext.install_runtime_alias()
@@ -122,6 +150,10 @@ def run(job_dir: Path) -> int:
         _setup_gpu()
         import cloudpickle
 
+        # The submitter's own modules come first, so unpickling and the
+        # function import what the kernel imported.
+        origins = install_shipped_modules(job_dir)
+        _seed_for_verification()
         call = cloudpickle.loads((job_dir / "func.pkl").read_bytes())
         if not (
             isinstance(call, tuple)
@@ -149,11 +181,16 @@ def run(job_dir: Path) -> int:
         }
     except BaseException as e:  # the user's code may raise anything, SystemExit included
         tb = traceback.format_exc()
+        message = str(e)
+        if isinstance(e, ModuleNotFoundError) and e.name:
+            # Say which module, where the submitter had it from, and what to do.
+            message = missing_module_message(e.name, origins)
+            tb += f"\n{message}\n"
         sys.stderr.write(tb)
         outcome = {
             "ok": False,
             "exc_type": f"{type(e).__module__}.{type(e).__qualname__}",
-            "message": str(e),
+            "message": message,
             "traceback": tb,
             "exception": e,
         }

@@ -468,3 +468,119 @@ def print_lines_around(ready_path, release_path, before=100, after=15000):
     for i in range(before, before + after):
         print(line(i))
     return before + after
+
+
+def scheduled_train(
+    schedule="global_step", epochs=2, n=160, batch_size=8, warmup=20, step_seconds=0.0
+):
+    """Warmup + cosine learning rate carried across pauses, nanoGPT-style or by torch.
+
+    ``schedule``: ``"global_step"`` sets the lr from the global step ``loop``
+    yields (nanoGPT's ``get_lr(iter_num)``); ``"lambda"`` gets the same lr
+    from a ``LambdaLR``; ``"chained"`` steps an ``ExponentialLR`` and a
+    ``StepLR`` (a list of schedulers). Returns the lr of each of this run's
+    batches, and the final state when it completes.
+    """
+    import math
+    import time
+
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cumulus_jupyter.runtime import report
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    base_lr, min_lr = 1e-2, 1e-3
+    total = epochs * math.ceil(n / batch_size)
+
+    def get_lr(it):
+        if it < warmup:
+            return base_lr * (it + 1) / (warmup + 1)
+        ratio = min(1.0, (it - warmup) / max(1, total - warmup))
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (base_lr - min_lr)
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(n, 6, generator=g), torch.randn(n, 1, generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 1))
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=base_lr,
+    )
+    sched = torch.optim.lr_scheduler
+    if schedule == "lambda":
+        schedulers = [sched.LambdaLR(optimizer, lambda it: get_lr(it) / base_lr)]
+    elif schedule == "chained":
+        schedulers = [
+            sched.ExponentialLR(optimizer, gamma=0.97),
+            sched.StepLR(optimizer, step_size=7, gamma=0.5),
+        ]
+    else:
+        schedulers = []
+    ckpt = Checkpointer()
+    resumed_at = None
+    if ckpt.exists():
+        resumed_at = ckpt.load(model, optimizer, scheduler=schedulers or None)["global_step"]
+    lrs = []
+    for epoch, step, it, (xb, yb) in ckpt.loop(loader, epochs, with_global_step=True):
+        if schedule == "global_step":
+            for group in optimizer.param_groups:
+                group["lr"] = get_lr(it)
+        lrs.append(optimizer.param_groups[0]["lr"])
+        loss = (model(xb) - yb).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        for s in schedulers:
+            s.step()
+        report(epoch=epoch, step=step, lr=lrs[-1], loss=loss.item())
+        if step_seconds:
+            time.sleep(step_seconds)
+        if should_pause():
+            ckpt.save(model, optimizer, epoch, step, scheduler=schedulers or None)
+            return {"status": "paused", "global_step": it, "resumed_at": resumed_at, "lrs": lrs}
+    return {
+        "status": "completed",
+        "resumed_at": resumed_at,
+        "lrs": lrs,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedulers": [s.state_dict() for s in schedulers],
+    }
+
+
+def metrics_across_runs(steps=60, every_steps=10, hold=None, flag_dir=None):
+    """Reports every step with ``value = 1000 * run + step`` (so a record tells
+    which run wrote it, whatever the server says), saves every ``every_steps``
+    steps and continues after the latest checkpoint.
+
+    ``hold`` maps a run to a step: after reporting that step, the run touches
+    ``{flag_dir}/held.{run}`` and waits for ``{flag_dir}/release.{run}`` (or
+    its SIGKILL), so a test interrupts it at a known step.
+    """
+    import os
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from cumulus_jupyter.runtime import report
+
+    run = int(os.environ["CUMULUS_RUN"])
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ckpt = Checkpointer()
+    start = ckpt.load(model, optimizer)["step"] + 1 if ckpt.exists() else 0
+    for step in range(start, steps):
+        report(step=step, total=steps, value=1000 * run + step)
+        if hold and hold.get(run) == step:
+            Path(flag_dir, f"held.{run}").touch()
+            while not Path(flag_dir, f"release.{run}").exists():
+                time.sleep(0.02)  # waiting for the test, not synchronising it
+        if ckpt.time_to_checkpoint(step, every_steps=every_steps):
+            ckpt.save(model, optimizer, 0, step)
+    return {"start": start, "run": run}

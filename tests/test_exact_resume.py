@@ -55,8 +55,12 @@ def test_interrupted_runs_end_bitwise_identical(client, straight, how, resumes, 
     )
     # Interrupt at random, increasing points of the run.
     marks = sorted(rng.sample(range(3, STEPS - 4), resumes))
+    seen = 0
     for mark in marks:
-        wait_until(lambda m=mark: len(job.metrics()) >= m, timeout=120, what=f"step {mark}")
+        # A new step of this run, not only steps an earlier run reported: right
+        # after a resume the job may still be queued.
+        target = max(mark, seen + 1)
+        wait_until(lambda t=target: len(job.metrics()) >= t, timeout=120, what=f"step {mark}")
         if how == "pause":
             job.pause()
             job.wait(timeout=120)
@@ -66,6 +70,7 @@ def test_interrupted_runs_end_bitwise_identical(client, straight, how, resumes, 
             wait_until(lambda s=saved: len(job.get_checkpoints()) > s, what="a periodic save")
             os.kill(job.info()["process"]["pid"], signal.SIGKILL)
             wait_until(lambda: job.status() == "lost", what="the job to be lost")
+        seen = len(job.metrics())
         job.resume()
     result = job.result(timeout=300)
     assert result["status"] == "completed"
@@ -104,3 +109,32 @@ def test_verify_resume_says_when_the_function_cannot_be_checked():
         verify_resume(jobfuncs.add, args=[1], steps=30)
     with pytest.raises(ValueError, match="pause_at"):
         verify_resume(jobfuncs.exact_train, steps=10, pause_at=10)
+
+
+@pytest.mark.parametrize("schedule", ["global_step", "lambda"])
+def test_a_paused_job_continues_its_lr_schedule_exactly(client, schedule):
+    """Warmup + cosine, from the restored global step or a restored LambdaLR: paused in the
+    warmup and after it, the job trains with the lr sequence of a run never paused."""
+    reference = client.run_async(jobfuncs.scheduled_train, kwargs={"schedule": schedule})
+    straight = reference.result(timeout=180)
+    assert straight["status"] == "completed" and len(straight["lrs"]) == STEPS
+
+    job = client.run_async(
+        jobfuncs.scheduled_train, kwargs={"schedule": schedule, "step_seconds": 0.05}
+    )
+    lrs, paused_at = [], []
+    for mark in (3, 24):  # the warmup lasts 20 steps
+        wait_until(lambda m=mark: len(job.metrics()) >= m, timeout=120, what=f"step {mark}")
+        job.pause()
+        job.wait(timeout=120)
+        assert job.status() == "paused"
+        paused = job.result(timeout=10)
+        lrs += paused["lrs"]
+        paused_at.append(paused["global_step"])
+        job.resume()
+    result = job.result(timeout=180)
+    assert result["status"] == "completed"
+    assert result["resumed_at"] == paused_at[-1] + 1  # load() returned the next global step
+    assert lrs + result["lrs"] == straight["lrs"]
+    assert_same_state(result, straight)
+    assert result["schedulers"] == straight["schedulers"]

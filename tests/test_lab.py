@@ -9,7 +9,9 @@ the server's own records say whether each click did what it should.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 from pathlib import Path
 
 import jobfuncs
@@ -369,3 +371,61 @@ def test_the_panel_works_under_a_base_url(browser, tmp_path):
             button(row, "Pause").click()
             expect(row).to_have_attribute("data-state", "paused", timeout=60_000)
             assert other.job(job.id)["state"] == "paused"
+
+
+def chart_points(row):
+    """The (x, y) points of the panel's chart of the metric ``value``, in drawing order."""
+    line = row.locator('.jp-CumulusJob-chart polyline[data-metric="value"]')
+    points = (line.get_attribute("points") or "").split()
+    return [tuple(float(c) for c in p.split(",")) for p in points]
+
+
+def test_the_panel_plots_each_step_once_after_a_sigkill_and_resume(page, lab, client):
+    # jobfuncs.metrics_across_runs: run 1 stops after step 34 (last save at
+    # 30) and is killed; run 2 redoes 31..34, stops after 32, then finishes.
+    flags = lab.base / "metrics-flags"
+    flags.mkdir()
+    job = client.run_async(
+        jobfuncs.metrics_across_runs,
+        kwargs={"steps": 60, "every_steps": 10, "hold": {1: 34, 2: 32}, "flag_dir": str(flags)},
+        name="panel-metrics",
+    )
+    open_lab(page, lab)
+    open_panel(page)
+    row = job_row(page, job.id)
+    row.locator(".jp-CumulusJob-summary").click()
+    chart = row.locator('.jp-CumulusJob-chart polyline[data-metric="value"]')
+    wait_until((flags / "held.1").exists, timeout=120, what=job.logs)
+    expect(chart).to_have_attribute("data-points", "35")
+
+    os.kill(job.info()["process"]["pid"], signal.SIGKILL)
+    wait_state(lab, job.id, "lost")
+    job.resume()
+    wait_until((flags / "held.2").exists, timeout=120, what=job.logs)
+    # The panel that followed run 1 folds in run 2's steps 31 and 32: still
+    # one point per step, drawn left to right.
+    expect(row.locator(".jp-CumulusJob-progress")).to_contain_text("33 / 60")
+    expect(chart).to_have_attribute("data-points", "35")
+    xs = [x for x, _ in chart_points(row)]
+    assert len(xs) == 35 and xs == sorted(set(xs)), xs
+
+    # A panel opened now gets both runs in its first page: the same, and the
+    # progress is where run 2 is, not where run 1 got to.
+    open_lab(page, lab)
+    open_panel(page)
+    row = job_row(page, job.id)
+    row.locator(".jp-CumulusJob-summary").click()
+    chart = row.locator('.jp-CumulusJob-chart polyline[data-metric="value"]')
+    expect(chart).to_have_attribute("data-points", "35")
+    expect(row.locator(".jp-CumulusJob-progress")).to_contain_text("33 / 60")
+
+    (flags / "release.2").touch()
+    expect(row).to_have_attribute("data-state", "completed", timeout=60_000)
+    expect(chart).to_have_attribute("data-points", "60")
+    points = chart_points(row)
+    xs = [x for x, _ in points]
+    assert len(xs) == 60 and xs == sorted(set(xs)), xs
+    # It reports 1000 * run + step: run 1's points (steps 0..30) lie at the
+    # bottom of the 80-unit-high chart, run 2's (31..59, redone ones too) at the top.
+    ys = [y for _, y in points]
+    assert all(y > 60 for y in ys[:31]) and all(y < 20 for y in ys[31:]), ys

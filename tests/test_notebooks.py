@@ -164,10 +164,31 @@ def check_resume_from_checkpoint(nb: Any, server: Any) -> None:
     assert job.get_checkpoints()[-1] == newest
 
 
+def check_counters_and_schedulers(nb: Any, server: Any) -> None:
+    total_steps = 60
+    for source, name in (
+        ("def train_from_global_step(", "lr-from-global-step"),
+        ("def train_with_scheduler(", "lr-from-scheduler"),
+    ):
+        text = text_of(only_cell(nb, source))
+        pattern = rf"{name}: paused after global step (\d+), resumed at global step (\d+)"
+        match = re.search(pattern, text)
+        assert match, text
+        paused_at, resumed_at = int(match.group(1)), int(match.group(2))
+        assert 0 < paused_at < total_steps - 1 and resumed_at == paused_at + 1
+        # The lrs the two runs trained with, batch by batch, are the unpaused schedule's.
+        assert f"{name}: every batch had the lr of a run never paused: True" in text, text
+        job = job_named(server, name)
+        assert [r["state"] for r in job.info()["runs"]] == ["paused", "completed"]
+        result = job.result(timeout=10)
+        assert (result["first"], result["last"]) == (resumed_at, total_steps - 1)
+
+
 CHECKS = {
     "01_checkpointed_training": check_checkpointed_training,
     "02_pause_resume": check_pause_resume,
     "03_resume_from_checkpoint": check_resume_from_checkpoint,
+    "04_counters_and_schedulers": check_counters_and_schedulers,
 }
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import cloudpickle
 import jobfuncs
@@ -340,3 +341,45 @@ async def test_cancel_right_after_submit_leaves_no_process_and_frees_the_share(
     while not await settled():  # poll with a deadline
         assert time.monotonic() < deadline, "the cancelled job did not settle"
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("modules", "match"),
+    [
+        ({"files": {"../escape.py": ""}}, "relative path"),
+        ({"files": {"/abs.py": ""}}, "relative path"),
+        ({"files": {"notes.txt": ""}}, "relative path"),
+        ({"files": {"model.py": "not base64!"}}, "base64"),
+        ({"files": ["model.py"]}, "must be objects"),
+        ({"other": {}}, "modules must be an object"),
+    ],
+)
+async def test_malformed_modules_are_refused_and_nothing_is_written(
+    jp_fetch, jp_serverapp, modules, match
+):
+    root = jp_serverapp.config["CumulusApp"]["job_root"]
+    before = disk_snapshot(root)
+    code, err = await error_of(jp_fetch, "jobs", method="POST", body=submit_body(modules=modules))
+    assert code == 400 and match in err["message"], err
+    assert disk_snapshot(root) == before
+
+
+async def test_shipped_modules_land_privately_in_the_job_directory(jp_fetch, jp_serverapp):
+    files = {"model.py": b"X = 1\n", "nets/__init__.py": b""}
+    modules = {
+        "files": {k: base64.b64encode(v).decode() for k, v in files.items()},
+        "origins": {"model": "/home/me/project/model.py"},
+    }
+    resp = await jp_fetch(
+        "cumulus", "api", "jobs", method="POST", body=submit_body(modules=modules)
+    )
+    job_dir = os.path.join(
+        jp_serverapp.config["CumulusApp"]["job_root"], json.loads(resp.body)["id"]
+    )
+    for rel, data in files.items():
+        path = os.path.join(job_dir, "modules", rel)
+        assert Path(path).read_bytes() == data
+        assert os.stat(path).st_mode & 0o777 == 0o600
+    assert os.stat(os.path.join(job_dir, "modules", "nets")).st_mode & 0o777 == 0o700
+    listed = json.loads(Path(job_dir, "modules.json").read_text())
+    assert listed == {"files": sorted(files), "origins": modules["origins"]}

@@ -9,9 +9,9 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from .. import jobcontext
 from ..checkpoints import CheckpointIndex
@@ -75,6 +75,22 @@ class Checkpointer:
             if should_pause():
                 ckpt.save(model, optimizer, epoch, step)
                 return {"status": "paused"}
+
+    Counters and schedulers: the global step (batches done over all epochs)
+    is saved with every checkpoint and returned by :meth:`load`; :meth:`loop`
+    yields it with ``with_global_step=True``; ``scheduler=`` saves and
+    restores ``torch.optim.lr_scheduler`` state::
+
+        if ckpt.exists():
+            ckpt.load(model, optimizer, scheduler=scheduler)
+        for epoch, step, it, batch in ckpt.loop(loader, 10, with_global_step=True):
+            for group in optimizer.param_groups:
+                group["lr"] = get_lr(it)  # warmup + cosine from the global step, or:
+            ...
+            scheduler.step()  # a torch scheduler, saved and restored with scheduler=
+            if should_pause():
+                ckpt.save(model, optimizer, epoch, step, scheduler=scheduler)
+                return {"status": "paused"}
     """
 
     def __init__(
@@ -108,7 +124,9 @@ class Checkpointer:
         self._staging: dict[str, Any] | None = None  # last async snapshot, reused
         self._resume: ResumePoint | None = None
         self._epoch_start: dict[str, Any] | None = None
-        self._global_step = 0
+        # Batches loop() has yielded over all epochs (continued from a load);
+        # None until loop() starts, because only loop() can count them.
+        self._global_step: int | None = None
         self.index.clean_stale_temporaries()
 
     # -- where -----------------------------------------------------------------
@@ -176,6 +194,8 @@ class Checkpointer:
         *,
         metrics: dict[str, Any] | None = None,
         blocking: bool | None = None,
+        global_step: int | None = None,
+        scheduler: Any = None,
     ) -> str:
         """Save a checkpoint and return its path.
 
@@ -184,9 +204,28 @@ class Checkpointer:
         training (one save at a time: the next save, :meth:`wait`, and the
         job's pause or exit wait for it). A crash at any moment leaves the
         previous checkpoints intact and no partial file listed.
+
+        ``global_step`` is the number of batches done over all epochs, the
+        counter a schedule such as nanoGPT's ``get_lr(iter_num)`` is computed
+        from; :meth:`load` returns it. Inside (or after) :meth:`loop` it is
+        recorded by itself: the batches the loop has yielded, the current one
+        included. Pass it to record something else (for example optimizer
+        steps under gradient accumulation; the loop still continues its own
+        batch count), or when training without :meth:`loop`. A checkpoint
+        saved without :meth:`loop` and without ``global_step=`` does not
+        record one (see :meth:`load`).
+
+        ``scheduler`` is a learning-rate scheduler (anything with
+        ``state_dict()`` and ``load_state_dict()``, such as a
+        ``torch.optim.lr_scheduler.LambdaLR``), or a list of them; pass the
+        same to :meth:`load` to restore them.
         """
         self.wait()  # one save in flight at most, and surface its error now
         blocking = self.blocking if blocking is None else blocking
+        if global_step is None:
+            global_step = self._global_step
+        elif int(global_step) < 0:
+            raise ValueError(f"global_step counts batches done: got {global_step}")
         state: dict[str, Any] = {
             "format": persist.FORMAT,
             "version": 1,
@@ -197,7 +236,12 @@ class Checkpointer:
             "extra": extra,
             "rng": capture_rng_state(),
             "time": time.time(),
+            # None: saved outside loop() without global_step=; load() says what then.
+            "global_step": None if global_step is None else int(global_step),
         }
+        schedulers = _schedulers(scheduler)
+        if schedulers is not None:
+            state["schedulers"] = [_state_dict(s) for s in schedulers]
         if self._epoch_start is not None:
             state["loop"] = {"epoch_start": self._epoch_start, "global_step": self._global_step}
         if metrics is None:
@@ -285,7 +329,12 @@ class Checkpointer:
     # -- load ------------------------------------------------------------------
 
     def load(
-        self, model: Any = None, optimizer: Any = None, checkpoint: str | None = None
+        self,
+        model: Any = None,
+        optimizer: Any = None,
+        checkpoint: str | None = None,
+        *,
+        scheduler: Any = None,
     ) -> dict[str, Any]:
         """Restore ``model``, ``optimizer`` and the RNG states from a checkpoint.
 
@@ -293,9 +342,23 @@ class Checkpointer:
         when given, else the file this Checkpointer was made for, else the one
         the resume asked for, else the newest good one (a corrupt newest file
         is skipped, and said so on stderr). Returns ``{'epoch', 'step',
-        'extra', 'path', 'name', 'time'}``; ``step`` is the step the checkpoint
-        was saved at, so training continues at ``step + 1`` (:meth:`loop` does
-        that by itself).
+        'global_step', 'extra', 'path', 'name', 'time'}``; ``step`` is the step
+        the checkpoint was saved at, so training continues at ``step + 1``
+        (:meth:`loop` does that by itself).
+
+        ``global_step`` is the number of batches done over all epochs when the
+        checkpoint was saved (see :meth:`save`), which is also the global step
+        of the next batch: a schedule computed from it continues where it
+        was, and ``loop(..., with_global_step=True)`` yields it next. A
+        checkpoint that does not record it (saved outside :meth:`loop` without
+        ``global_step=``, or by an older version) gives ``step + 1``: right
+        when ``step`` counts batches from the start of training, as in a loop
+        over one range of steps.
+
+        ``scheduler`` (one, or a list, as given to :meth:`save`) gets its saved
+        state back. A checkpoint saved without scheduler state cannot restore
+        one: that raises :class:`CheckpointError`, before anything is
+        restored, rather than silently restarting the schedule.
         """
         self.wait()
         if checkpoint is not None:
@@ -308,6 +371,19 @@ class Checkpointer:
             state = read_checkpoint(path, entry_hash(entry))
         else:
             path, entry, state = self._read_newest_good()
+        name = entry["name"] if entry else path.name
+        loop = state.get("loop") or {}
+        step = int(state.get("step", 0))
+        global_step = state.get("global_step")
+        if global_step is None:  # older checkpoints kept it in the loop's state only
+            global_step = loop.get("global_step")
+        if global_step is None:
+            global_step = step + 1
+        global_step = int(global_step)
+        schedulers = _schedulers(scheduler)
+        saved_schedulers = state.get("schedulers")
+        if schedulers is not None:  # checked first: a refused load changes nothing
+            _check_schedulers(name, schedulers, saved_schedulers, global_step)
         # The state is memory-mapped from the file: load_state_dict copies the
         # model's tensors; the optimizer would keep references, so it gets a
         # copy (the file may be deleted by retention while training goes on).
@@ -315,21 +391,27 @@ class Checkpointer:
             model.load_state_dict(state["model"])
         if optimizer is not None and state.get("optimizer") is not None:
             optimizer.load_state_dict(snapshot(state["optimizer"]))
+        if schedulers is not None:
+            # After the optimizer: a scheduler's state matches the restored lr.
+            for sched, saved in zip(schedulers, saved_schedulers or [], strict=True):
+                sched.load_state_dict(snapshot(saved))
         restore_rng_state(state.get("rng") or {})
-        loop = state.get("loop") or {}
         self._resume = ResumePoint(
             epoch=int(state.get("epoch", 0)),
-            step=int(state.get("step", 0)),
-            global_step=int(loop.get("global_step", 0)),
+            step=step,
+            # The loop continues its own batch count, which an explicit
+            # global_step= (optimizer steps, say) may differ from.
+            global_step=int(loop.get("global_step", global_step)),
             epoch_start=loop.get("epoch_start"),
             rng=state.get("rng") or {},
         )
         return {
             "epoch": state.get("epoch", 0),
             "step": state.get("step", 0),
+            "global_step": global_step,
             "extra": state.get("extra"),
             "path": str(path),
-            "name": entry["name"] if entry else path.name,
+            "name": name,
             "time": state.get("time"),
         }
 
@@ -365,7 +447,24 @@ class Checkpointer:
 
     # -- exact iteration ---------------------------------------------------------
 
-    def loop(self, loader: Iterable[Any], epochs: int) -> Iterator[tuple[int, int, Any]]:
+    @overload
+    def loop(
+        self, loader: Iterable[Any], epochs: int, *, with_global_step: Literal[False] = False
+    ) -> Iterator[tuple[int, int, Any]]: ...
+
+    @overload
+    def loop(
+        self, loader: Iterable[Any], epochs: int, *, with_global_step: Literal[True]
+    ) -> Iterator[tuple[int, int, int, Any]]: ...
+
+    @overload
+    def loop(
+        self, loader: Iterable[Any], epochs: int, *, with_global_step: bool
+    ) -> Iterator[tuple[Any, ...]]: ...
+
+    def loop(
+        self, loader: Iterable[Any], epochs: int, *, with_global_step: bool = False
+    ) -> Iterator[tuple[Any, ...]]:
         """Iterate ``epochs`` epochs of ``loader``, yielding ``(epoch, step, batch)``.
 
         ``step`` counts batches within the epoch. On a fresh run this is a
@@ -374,6 +473,14 @@ class Checkpointer:
         order and DataLoader worker seeds reproduced and every RNG as it was
         at the save: no batch is skipped or repeated, and the continuation is
         bitwise identical to a run that was never interrupted.
+
+        With ``with_global_step=True`` it yields ``(epoch, step, global_step,
+        batch)``: ``global_step`` counts batches over all epochs, from 0 on a
+        fresh run, and after :meth:`load` from the ``global_step`` that load
+        returned, so a schedule computed from it does not restart::
+
+            for epoch, step, it, (x, y) in ckpt.loop(loader, 10, with_global_step=True):
+                lr = get_lr(it)  # nanoGPT's iter_num
         """
         if getattr(loader, "persistent_workers", False):
             warnings.warn(
@@ -393,6 +500,8 @@ class Checkpointer:
                     "of the interrupted epoch cannot be replayed",
                     stacklevel=2,
                 )
+        elif self._global_step is None:  # a second loop() goes on counting
+            self._global_step = 0
         while epoch < epochs:
             if resume is not None and resume.epoch_start is not None:
                 # Same generator states as at the epoch's start: same order, same
@@ -413,12 +522,51 @@ class Checkpointer:
                     batches = itertools.islice(batches, first, None)
             resume = None
             for step, batch in enumerate(batches, first):
-                self._global_step += 1
+                global_step = self._global_step
+                # Counted before the body runs: a save in it records this batch as done.
+                self._global_step = global_step + 1
                 if pause_at is not None and self._global_step >= pause_at:
                     jobcontext.request_pause()
-                yield epoch, step, batch
+                if with_global_step:
+                    yield epoch, step, global_step, batch
+                else:
+                    yield epoch, step, batch
             epoch += 1
         self._epoch_start = None
+
+
+def _schedulers(scheduler: Any) -> list[Any] | None:
+    """``scheduler=`` as a list: None, one scheduler, or a list/tuple of them."""
+    if scheduler is None:
+        return None
+    if isinstance(scheduler, Sequence) and not isinstance(scheduler, str):
+        found = list(scheduler)
+    else:
+        found = [scheduler]
+    for s in found:
+        if not (hasattr(s, "state_dict") and hasattr(s, "load_state_dict")):
+            raise TypeError(
+                f"cannot checkpoint a {type(s).__name__} as a scheduler: pass a "
+                "torch.optim.lr_scheduler scheduler (anything with state_dict() and "
+                "load_state_dict()), or a list of them"
+            )
+    return found
+
+
+def _check_schedulers(name: str, given: list[Any], saved: Any, global_step: int) -> None:
+    if saved is None:
+        raise CheckpointError(
+            f"checkpoint {name} holds no scheduler state: it was saved without scheduler= "
+            "(or by an older version). Restoring nothing would restart the schedule. "
+            "To go on from it, load it without scheduler= and bring the new scheduler to "
+            f"where it was (for a per-batch schedule, call scheduler.step() {global_step} times); "
+            "save with scheduler= from then on"
+        )
+    if len(saved) != len(given):
+        raise CheckpointError(
+            f"checkpoint {name} holds {len(saved)} scheduler state(s), but load() was given "
+            f"{len(given)}: pass the same schedulers, in the same order, as to save()"
+        )
 
 
 def _state_dict(obj: Any) -> Any:

@@ -14,7 +14,11 @@ from typing import Any
 
 from ..fileio import FILE_MODE
 from ..jobcontext import JobInterrupted, job_dir
+from ..metrics import RUN_FIELD
 from .checkpoint import Checkpointer
+
+#: Set by the server (and verify_resume) for each process of a job: 1, 2, ...
+_RUN_ENV = "CUMULUS_RUN"
 
 
 def _plain(value: Any) -> Any:
@@ -41,19 +45,39 @@ def last_reported() -> dict[str, Any]:
     return dict(_last_reported)
 
 
+def _current_run() -> int:
+    """This process's run of the job (the server sets ``CUMULUS_RUN``); 1 outside a job."""
+    try:
+        run = int(os.environ.get(_RUN_ENV, "1"))
+    except ValueError:
+        return 1
+    return run if run >= 1 else 1
+
+
 def report(**metrics: Any) -> None:
     """Record metrics (``report(step=10, total=500, loss=0.31)``) for the job's UI.
 
-    Each call appends one JSON line to ``metrics.jsonl``; ``step`` and
-    ``total`` drive progress bars, everything else is plotted.
+    Each call appends one JSON line to ``metrics.jsonl``, with the time and
+    the job's run; ``step`` and ``total`` drive progress bars, everything else
+    is plotted. A step reported by several runs (a resume from a checkpoint
+    runs the steps after it again) is shown with the newest run's values.
+    ``run`` is therefore not a metric name.
     """
+    if RUN_FIELD in metrics:
+        raise TypeError(
+            f"report() records the job's run as {RUN_FIELD!r} itself; "
+            "report your value under another name"
+        )
     record = {key: _plain(value) for key, value in metrics.items()}
     record["time"] = time.time()
     _last_reported.clear()
     _last_reported.update(record)
+    # The run goes to the file only: it tells the server which of two records
+    # for a step is the newer; a checkpoint's metrics (last_reported) need not say.
+    line = json.dumps({**record, RUN_FIELD: _current_run()})
     fd = os.open(job_dir() / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
     with os.fdopen(fd, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(line + "\n")
 
 
 @contextlib.contextmanager

@@ -25,8 +25,13 @@ import torch
 from ..checkpoints import CheckpointIndex
 from ..fileio import atomic_write_bytes, atomic_write_json, read_json
 from ..jobcontext import JOB_DIR_ENV, JOB_ID_ENV, PAUSE_AT_ENV
+from ..shipping import Shipment, write_modules
 from ..spec import python_version
+from ..worker import SEED_ENV
 from .persist import entry_hash, read_checkpoint
+
+#: Every generator starts from this state in both runs (see worker's SEED_ENV).
+_SEED = 20_26_11
 
 
 @dataclass
@@ -60,29 +65,34 @@ class ResumeReport:
 class _Run:
     """One scratch job directory, run by the real worker in fresh processes."""
 
-    def __init__(self, directory: Path, payload: bytes):
+    def __init__(self, directory: Path, shipment: Shipment):
         self.dir = directory
         self.dir.mkdir(mode=0o700, parents=True)
-        atomic_write_bytes(self.dir / "func.pkl", payload)
+        atomic_write_bytes(self.dir / "func.pkl", shipment.payload)
+        write_modules(self.dir, shipment.files, shipment.origins)
         atomic_write_json(self.dir / "job.json", {"python_version": python_version()})
         atomic_write_json(self.dir / "control.json", {})
         self.runs = 0
 
     def go(self, pause_at: int, timeout: float) -> None:
         self.runs += 1
-        env = dict(os.environ)
+        # As a job runs: in its own directory, importing what is installed and
+        # what travelled with it, not the caller's working directory or path.
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env.update(
             {
                 JOB_DIR_ENV: str(self.dir),
                 JOB_ID_ENV: f"verify-{self.dir.name}",
                 "CUMULUS_RUN": str(self.runs),
                 PAUSE_AT_ENV: str(pause_at),
+                SEED_ENV: str(_SEED),
                 "PYTHONUNBUFFERED": "1",
             }
         )
         with open(self.dir / "output.log", "ab") as log:
             subprocess.run(
                 [sys.executable, "-m", "cumulus_jupyter.worker", str(self.dir)],
+                cwd=self.dir,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -114,7 +124,8 @@ class _Run:
         if not path.exists():
             return []
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return [{k: v for k, v in r.items() if k != "time"} for r in records]
+        # When and in which run a value was reported is not part of the result.
+        return [{k: v for k, v in r.items() if k not in ("time", "run")} for r in records]
 
 
 def verify_resume(
@@ -136,16 +147,16 @@ def verify_resume(
         report = verify_resume(train, steps=30)
         assert report, report   # prints what differs when it is not exact
     """
-    from ..client import _pickle_call
+    from ..client import _ship_call
 
     pause_at = steps // 2 if pause_at is None else pause_at
     if not 1 <= pause_at < steps:
         raise ValueError(f"pause_at must be between 1 and steps - 1 ({steps - 1}), got {pause_at}")
-    payload = _pickle_call(fn, tuple(args), dict(kwargs or {}))
+    shipment = _ship_call(fn, tuple(args), dict(kwargs or {}))
     with tempfile.TemporaryDirectory(prefix="cumulus-verify-") as tmp:
-        straight = _Run(Path(tmp) / "straight", payload)
+        straight = _Run(Path(tmp) / "straight", shipment)
         straight.go(steps, timeout)
-        resumed = _Run(Path(tmp) / "resumed", payload)
+        resumed = _Run(Path(tmp) / "resumed", shipment)
         resumed.go(pause_at, timeout)
         resumed.go(steps, timeout)
         report = ResumeReport(steps, pause_at)
@@ -188,9 +199,12 @@ def _differs(a: Any, b: Any) -> str | None:
 
 def _compare_states(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     out = []
-    for key in ("epoch", "step"):
+    for key in ("epoch", "step", "global_step"):
         if a.get(key) != b.get(key):
             out.append(f"{key}: {a.get(key)} straight vs {b.get(key)} resumed")
+    why = _differs(a.get("schedulers"), b.get("schedulers"))
+    if why:
+        out.append(f"learning-rate scheduler state: {why}")
     for name, value in (a.get("model") or {}).items():
         why = _differs(value, (b.get("model") or {}).get(name))
         if why:

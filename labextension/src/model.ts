@@ -16,6 +16,7 @@ import {
   jobPath,
   requestAPI
 } from './api';
+import { StepMerger } from './metrics';
 
 /** How much of the open job's log the panel keeps. */
 const LOG_TAIL_BYTES = 16 * 1024;
@@ -90,9 +91,17 @@ export class JobsModel implements IDisposable {
     return this._selected;
   }
 
-  /** Everything a job has reported so far, merged: the latest value of each key. */
+  /**
+   * Everything a job has reported so far, merged: the latest value of each
+   * key (the newest run's, when a resume ran steps again).
+   */
   metrics(id: string): IMetrics | undefined {
-    return this._metrics.get(id)?.latest;
+    return this._metrics.get(id)?.merger.latest();
+  }
+
+  /** A job's records with a step: one per step (the newest run's), in step order. */
+  steps(id: string): IMetrics[] {
+    return this._metrics.get(id)?.merger.steps() ?? [];
   }
 
   get isDisposed(): boolean {
@@ -209,17 +218,22 @@ export class JobsModel implements IDisposable {
   }
 
   private async _fetchMetrics(id: string): Promise<void> {
-    const seen = this._metrics.get(id) ?? { next: 0, latest: undefined };
+    const seen = this._metrics.get(id) ?? {
+      next: 0,
+      merger: new StepMerger()
+    };
     const answer = await requestAPI<{ metrics: IMetrics[]; next: number }>(
       jobPath(id, 'metrics'),
       {},
       { since: seen.next }
     );
-    let latest = seen.latest;
+    // Pages come one record per step; a resumed run's records replace the
+    // earlier run's for the steps it ran again.
     for (const record of answer.metrics) {
-      latest = { ...latest, ...record };
+      seen.merger.add(record);
     }
-    this._metrics.set(id, { next: answer.next, latest });
+    seen.next = answer.next;
+    this._metrics.set(id, seen);
   }
 
   private async _fetchDetail(id: string): Promise<void> {
@@ -264,10 +278,7 @@ export class JobsModel implements IDisposable {
   private _isVisible: () => boolean;
   private _jobs: IJob[] = [];
   private _loaded = false;
-  private _metrics = new Map<
-    string,
-    { next: number; latest: IMetrics | undefined }
-  >();
+  private _metrics = new Map<string, { next: number; merger: StepMerger }>();
   private _poll: Poll;
   private _selected: string | null = null;
 }
