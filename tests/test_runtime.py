@@ -180,6 +180,24 @@ def test_save_on_interrupt_saves_then_stops(own_handlers):
     assert [c["step"] for c in list_checkpoints()] == [42]
 
 
+def test_save_on_interrupt_saves_the_scheduler_too(own_handlers):
+    model, opt = make()
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for _ in range(5):
+        opt.step()
+        scheduler.step()
+    with (
+        pytest.raises(JobInterrupted),
+        save_on_interrupt(Checkpointer(), model, opt, lambda: 0, lambda: 5, scheduler=scheduler),
+    ):
+        os.kill(os.getpid(), signal.SIGTERM)
+    fresh_model, fresh_opt = make()
+    fresh = torch.optim.lr_scheduler.StepLR(fresh_opt, step_size=2, gamma=0.5)
+    Checkpointer().load(fresh_model, fresh_opt, scheduler=fresh)
+    assert fresh.state_dict() == scheduler.state_dict()
+    assert fresh_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 0.01 * 0.5**2
+
+
 def test_save_on_interrupt_puts_the_handlers_back_when_nothing_arrives(own_handlers):
     model, opt = make()
     with save_on_interrupt(Checkpointer(), model, opt, lambda: 0, lambda: 0):

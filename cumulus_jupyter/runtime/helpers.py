@@ -87,6 +87,8 @@ def save_on_interrupt(
     optimizer: Any,
     get_epoch: Callable[[], int],
     get_step: Callable[[], int],
+    *,
+    scheduler: Any = None,
 ) -> Iterator[None]:
     """Save a checkpoint if SIGTERM or SIGINT arrives inside the block, then stop.
 
@@ -94,10 +96,12 @@ def save_on_interrupt(
     a pause in time: it sends SIGTERM, the guard saves at the current epoch and
     step, and the job ends as paused and resumable. ``get_epoch`` and
     ``get_step`` are called at that moment, e.g. ``lambda: epoch``.
+    ``scheduler`` (one, or a list) is saved with them, as
+    :meth:`Checkpointer.save` does.
     """
 
     def handler(signum: int, _frame: Any) -> None:
-        path = ckpt.save(model, optimizer, get_epoch(), get_step())
+        path = ckpt.save(model, optimizer, get_epoch(), get_step(), scheduler=scheduler)
         raise JobInterrupted(signum, path)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
