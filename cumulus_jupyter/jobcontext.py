@@ -17,6 +17,8 @@ from .fileio import make_private_dir, read_json
 
 JOB_DIR_ENV = "CUMULUS_JOB_DIR"
 JOB_ID_ENV = "CUMULUS_JOB_ID"
+#: Which run of the job this process is: 1, 2, ... (set by the server and verify_resume).
+RUN_ENV = "CUMULUS_RUN"
 #: verify_resume sets this: Checkpointer.loop asks for a pause at that global step.
 PAUSE_AT_ENV = "CUMULUS_PAUSE_AT_STEP"
 #: Signal the server sends to tell a job that control.json asks it to pause.

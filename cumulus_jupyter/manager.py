@@ -28,6 +28,7 @@ from .errors import (
     PayloadTooLargeError,
 )
 from .gpu import ShareLedger
+from .jobcontext import RUN_ENV
 from .metrics import newest_per_step, with_run
 from .shipping import parse_modules
 from .spec import SpecError, parse_duration, parse_gpu_memory, parse_name, python_version
@@ -529,7 +530,6 @@ class JobManager:
         env.update(
             CUMULUS_JOB_DIR=str(self.store.path(job["id"])),
             CUMULUS_JOB_ID=job["id"],
-            CUMULUS_RUN=str(run),
             CUMULUS_GPU_FRACTION=repr(job["gpu_memory"]),
             CUMULUS_JOB_NICE=str(self.job_nice),
             PYTHONUNBUFFERED="1",
@@ -539,6 +539,7 @@ class JobManager:
             # order (fastest first) may number the cards differently.
             CUDA_DEVICE_ORDER="PCI_BUS_ID",
         )
+        env[RUN_ENV] = str(run)
         return env
 
     async def _start_run(self, job_id: str, device: str) -> None:

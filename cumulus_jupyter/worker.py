@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from .fileio import atomic_write_bytes, atomic_write_json, read_json
+from .jobcontext import RUN_ENV
 from .shipping import install_shipped_modules, missing_module_message
 from .spec import python_version
 
 #: Environment the backend sets for the worker.
-RUN_ENV = "CUMULUS_RUN"
 GPU_FRACTION_ENV = "CUMULUS_GPU_FRACTION"
 NICE_ENV = "CUMULUS_JOB_NICE"
 #: Set by verify_resume only: the seed every generator starts from in each run.

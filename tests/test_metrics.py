@@ -189,17 +189,22 @@ def kill_and_resume(job):
     return resumed_from
 
 
-def test_metrics_after_a_sigkill_and_resume_show_each_step_once(client, tmp_path):
-    job = client.run_async(
+def start_held(client, tmp_path, hold):
+    """A job reporting every step and saving every SAVE_EVERY, held at ``hold[run]``."""
+    return client.run_async(
         jobfuncs.metrics_across_runs,
         kwargs={
             "steps": STEPS,
             "every_steps": SAVE_EVERY,
-            "hold": {1: HELD_AT},
+            "hold": hold,
             "flag_dir": str(tmp_path),
         },
         gpu_memory=0.2,
     )
+
+
+def test_metrics_after_a_sigkill_and_resume_show_each_step_once(client, tmp_path):
+    job = start_held(client, tmp_path, {1: HELD_AT})
     wait_until((tmp_path / "held.1").exists, timeout=120, what=lambda: job.logs())
     first_page = client._json("GET", f"jobs/{job.id}/metrics")
     assert [m["step"] for m in first_page["metrics"]] == list(range(HELD_AT + 1))
@@ -235,16 +240,7 @@ def test_metrics_after_a_sigkill_and_resume_show_each_step_once(client, tmp_path
 
 
 def test_widget_chart_and_progress_plot_each_step_once(client, tmp_path):
-    job = client.run_async(
-        jobfuncs.metrics_across_runs,
-        kwargs={
-            "steps": STEPS,
-            "every_steps": SAVE_EVERY,
-            "hold": {1: HELD_AT, 2: 32},
-            "flag_dir": str(tmp_path),
-        },
-        gpu_memory=0.2,
-    )
+    job = start_held(client, tmp_path, {1: HELD_AT, 2: 32})
     # This one sees run 1's records first, then run 2's, page after page.
     following = JobWidget(job, poll_interval=0.1)
     try:

@@ -13,12 +13,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..fileio import FILE_MODE
-from ..jobcontext import JobInterrupted, job_dir
+from ..jobcontext import RUN_ENV, JobInterrupted, job_dir
 from ..metrics import RUN_FIELD
 from .checkpoint import Checkpointer
-
-#: Set by the server (and verify_resume) for each process of a job: 1, 2, ...
-_RUN_ENV = "CUMULUS_RUN"
 
 
 def _plain(value: Any) -> Any:
@@ -48,7 +45,7 @@ def last_reported() -> dict[str, Any]:
 def _current_run() -> int:
     """This process's run of the job (the server sets ``CUMULUS_RUN``); 1 outside a job."""
     try:
-        run = int(os.environ.get(_RUN_ENV, "1"))
+        run = int(os.environ.get(RUN_ENV, "1"))
     except ValueError:
         return 1
     return run if run >= 1 else 1

@@ -24,7 +24,8 @@ import torch
 
 from ..checkpoints import CheckpointIndex
 from ..fileio import atomic_write_bytes, atomic_write_json, read_json
-from ..jobcontext import JOB_DIR_ENV, JOB_ID_ENV, PAUSE_AT_ENV
+from ..jobcontext import JOB_DIR_ENV, JOB_ID_ENV, PAUSE_AT_ENV, RUN_ENV
+from ..metrics import RUN_FIELD
 from ..shipping import Shipment, write_modules
 from ..spec import python_version
 from ..worker import SEED_ENV
@@ -83,7 +84,7 @@ class _Run:
             {
                 JOB_DIR_ENV: str(self.dir),
                 JOB_ID_ENV: f"verify-{self.dir.name}",
-                "CUMULUS_RUN": str(self.runs),
+                RUN_ENV: str(self.runs),
                 PAUSE_AT_ENV: str(pause_at),
                 SEED_ENV: str(_SEED),
                 "PYTHONUNBUFFERED": "1",
@@ -125,7 +126,7 @@ class _Run:
             return []
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         # When and in which run a value was reported is not part of the result.
-        return [{k: v for k, v in r.items() if k not in ("time", "run")} for r in records]
+        return [{k: v for k, v in r.items() if k not in ("time", RUN_FIELD)} for r in records]
 
 
 def verify_resume(
