@@ -5,9 +5,9 @@ every job), so the original examples, which say ``from runtime import
 Checkpointer, should_pause`` beside it, run unchanged.
 """
 
-from cumulus_jupyter.client import CumulusClient, Job
 from cumulus_jupyter.errors import CumulusError, JobFailedError
-from cumulus_jupyter.jobcontext import install_runtime_alias
+from cumulus_jupyter.kernel.client import CumulusClient, Job
+from cumulus_jupyter.runtime.context import install_runtime_alias
 
 install_runtime_alias()
 

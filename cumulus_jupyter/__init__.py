@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 
 if TYPE_CHECKING:
-    from .client import CumulusClient, Job
     from .errors import (
         BadRequestError,
         CumulusError,
@@ -23,6 +22,8 @@ if TYPE_CHECKING:
         JobNotFoundError,
         JobStoppedError,
     )
+    from .kernel.client import CumulusClient, Job
+    from .kernel.widgets import CheckpointBrowser, JobWidget
     from .runtime import (
         Checkpointer,
         job_dir,
@@ -32,11 +33,10 @@ if TYPE_CHECKING:
         should_pause,
         verify_resume,
     )
-    from .widgets import CheckpointBrowser, JobWidget
 
 _LAZY = {
-    "CumulusClient": "client",
-    "Job": "client",
+    "CumulusClient": "kernel.client",
+    "Job": "kernel.client",
     "CumulusError": "errors",
     "BadRequestError": "errors",
     "InvalidStateError": "errors",
@@ -50,8 +50,8 @@ _LAZY = {
     "report": "runtime",
     "save_on_interrupt": "runtime",
     "verify_resume": "runtime",
-    "JobWidget": "widgets",
-    "CheckpointBrowser": "widgets",
+    "JobWidget": "kernel.widgets",
+    "CheckpointBrowser": "kernel.widgets",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -65,7 +65,7 @@ def __getattr__(name: str) -> Any:
 
 
 def _jupyter_server_extension_points() -> list[dict[str, Any]]:
-    from .app import CumulusApp
+    from .server.app import CumulusApp
 
     return [{"module": "cumulus_jupyter", "app": CumulusApp}]
 
@@ -77,6 +77,6 @@ def _jupyter_labextension_paths() -> list[dict[str, str]]:
 
 def load_ipython_extension(ip: Any) -> None:
     """``%load_ext cumulus_jupyter``: the ``%%cumulus`` and ``%cumulus`` magics."""
-    from .magics import load_ipython_extension as load
+    from .kernel.magics import load_ipython_extension as load
 
     load(ip)

@@ -1,30 +1,10 @@
-"""Runs a notebook cell's source inside a job (what ``%%cumulus`` ships).
+"""Where ``run_cell`` lived before the package was sorted by where code runs.
 
-This module is installed, so cloudpickle ships :func:`run_cell` by reference;
-only the cell's source and the values of the names it reads travel.
+Jobs submitted then pickled it by this name, and a job paused under an older
+version resumes by unpickling its payload again, so the name must keep
+resolving. New code imports :mod:`cumulus_jupyter.runtime.cellrun`.
 """
 
-from __future__ import annotations
+from .runtime.cellrun import run_cell
 
-import ast
-import builtins
-import linecache
-from typing import Any
-
-
-def run_cell(source: str, filename: str, namespace: dict[str, Any]) -> Any:
-    """Execute ``source`` like a notebook cell and return its last expression's value."""
-    # Tracebacks show the cell's own lines.
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    tree = ast.parse(source, filename)
-    last = None
-    final = tree.body[-1] if tree.body else None
-    if isinstance(final, ast.Expr):
-        tree.body.pop()
-        last = ast.Expression(final.value)
-    ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
-    ns.update(namespace)
-    exec(compile(tree, filename, "exec"), ns)
-    if last is None:
-        return None
-    return eval(compile(last, filename, "eval"), ns)
+__all__ = ["run_cell"]

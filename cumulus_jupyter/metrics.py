@@ -27,6 +27,11 @@ from typing import Any
 
 #: The field ``report()`` stores the run in.
 RUN_FIELD = "run"
+#: Fields that place a record (which step of which run, when, out of how many)
+#: rather than measure anything: charts do not plot them and a checkpoint's
+#: metrics leave them out. ``labextension/src/metrics.ts`` holds the same list
+#: (a test checks that they agree).
+POSITION_FIELDS = frozenset({"step", "total", "time", "epoch", RUN_FIELD})
 
 #: Sort key of a step: records without an epoch first, then by epoch and step.
 StepKey = tuple[int, float, float]

@@ -100,7 +100,7 @@ CELL_FINETUNE_TEMPLATE = """\
 import time
 
 from cumulus_jupyter import CumulusClient
-from cumulus_jupyter.widgets import CheckpointBrowser
+from cumulus_jupyter import CheckpointBrowser
 
 
 {TRAIN}

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from cumulus_jupyter import CumulusClient
-from cumulus_jupyter.client import ServerUnavailableError
+from cumulus_jupyter.kernel.client import ServerUnavailableError
 
 
 def train(epochs: int = 4, steps: int = 120):

@@ -12,6 +12,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from servers import ServerProcess
 
+from cumulus_jupyter.jobdir import WORKER_MODULE
+
 pytest_plugins = ("pytest_jupyter.jupyter_server",)
 
 
@@ -66,7 +68,7 @@ def _kill_leftover_jobs(root: Path) -> None:
     for proc in psutil.process_iter(["cmdline"]):
         with contextlib.suppress(psutil.Error):
             cmd = proc.info["cmdline"] or []
-            if "cumulus_jupyter.worker" in cmd and any(str(root) in c for c in cmd):
+            if WORKER_MODULE in cmd and any(str(root) in c for c in cmd):
                 proc.kill()
 
 

@@ -128,7 +128,7 @@ def broken_by_sigterm(ready_file):
     """
     import time
 
-    from cumulus_jupyter.jobcontext import JobInterrupted
+    from cumulus_jupyter.runtime import JobInterrupted
 
     open(ready_file, "w").close()
     try:

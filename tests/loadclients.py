@@ -13,7 +13,7 @@ from typing import Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-from cumulus_jupyter.client import _pickle_call
+from cumulus_jupyter.kernel.payload import pickle_call
 from cumulus_jupyter.spec import python_version
 
 ACTIVE = {"queued", "running", "pausing"}
@@ -88,7 +88,7 @@ async def run_clients(
     http = AsyncHTTPClient()
     rec = Recorder()
     payload = {
-        "payload": base64.b64encode(_pickle_call(func, args, {})).decode(),
+        "payload": base64.b64encode(pickle_call(func, args, {})).decode(),
         "python": sys.executable,
         "python_version": python_version(),
     }
@@ -141,7 +141,7 @@ async def random_lifecycle(http, base, token, rec, python, rng, deadline, releas
     release = f"{release_dir}/{name}"
     payload = {
         **python,
-        "payload": base64.b64encode(_pickle_call(pausable_hold, (release,), {})).decode(),
+        "payload": base64.b64encode(pickle_call(pausable_hold, (release,), {})).decode(),
     }
     code, job = await call(
         http, base, token, rec, "POST", "jobs", {**payload, "gpu_memory": share, "name": name}

@@ -18,9 +18,9 @@ import pytest
 import torch
 from torch import nn
 
-from cumulus_jupyter import jobcontext
-from cumulus_jupyter.checkpoints import CheckpointIndex
+from cumulus_jupyter.manifest import CheckpointIndex
 from cumulus_jupyter.runtime import Checkpointer, CheckpointError, list_checkpoints, report
+from cumulus_jupyter.runtime import context as jobcontext
 from cumulus_jupyter.runtime.persist import read_checkpoint, write_checkpoint
 
 

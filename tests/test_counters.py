@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cumulus_jupyter import jobcontext
+from cumulus_jupyter.jobdir import PAUSE_AT_ENV
 from cumulus_jupyter.runtime import Checkpointer, CheckpointError
+from cumulus_jupyter.runtime import context as jobcontext
 from cumulus_jupyter.runtime.persist import read_checkpoint, write_checkpoint
 
 BATCHES = 5  # per epoch of the small loader below
@@ -26,7 +27,7 @@ BATCHES = 5  # per epoch of the small loader below
 def local_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CUMULUS_JOB_DIR", raising=False)
-    monkeypatch.delenv(jobcontext.PAUSE_AT_ENV, raising=False)
+    monkeypatch.delenv(PAUSE_AT_ENV, raising=False)
     monkeypatch.setattr(jobcontext, "_pause_requested", False)
     return tmp_path
 
@@ -127,9 +128,9 @@ def run(schedule, directory, monkeypatch, pause_at=None):
     monkeypatch.chdir(directory)
     monkeypatch.setattr(jobcontext, "_pause_requested", False)
     if pause_at is None:
-        monkeypatch.delenv(jobcontext.PAUSE_AT_ENV, raising=False)
+        monkeypatch.delenv(PAUSE_AT_ENV, raising=False)
     else:
-        monkeypatch.setenv(jobcontext.PAUSE_AT_ENV, str(pause_at))
+        monkeypatch.setenv(PAUSE_AT_ENV, str(pause_at))
     return jobfuncs.scheduled_train(schedule, n=80, warmup=8)
 
 

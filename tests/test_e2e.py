@@ -542,7 +542,7 @@ def test_a_job_repr_says_how_old_the_state_it_shows_is(client, monkeypatch):
     assert job.result(timeout=60) == 1
     submitted = job._record["state"]
     assert repr(job) == f"<Job {job.id} 'add' {submitted}>"  # just received: no age
-    import cumulus_jupyter.client as client_module
+    import cumulus_jupyter.kernel.client as client_module
 
     later = client_module.time.monotonic() + 90
     monkeypatch.setattr(client_module.time, "monotonic", lambda: later)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 from contextlib import redirect_stdout
 
-from cumulus_jupyter.logstream import LineAssembler, render
-from cumulus_jupyter.magics import LiveOutput
+from cumulus_jupyter.kernel.logstream import LineAssembler, render
+from cumulus_jupyter.kernel.magics import LiveOutput
 
 
 def test_assembler_keeps_the_last_drawing_of_each_line():

@@ -21,10 +21,10 @@ import pytest
 from servers import wait_until
 from tornado.httpclient import HTTPClientError
 
+from cumulus_jupyter.kernel.widgets import JobWidget
 from cumulus_jupyter.metrics import StepMerger, newest_per_step
 from cumulus_jupyter.runtime import report
-from cumulus_jupyter.runtime.helpers import last_reported
-from cumulus_jupyter.widgets import JobWidget
+from cumulus_jupyter.runtime.reporting import last_reported
 
 # -- the rules, on records as metrics.jsonl holds them ---------------------------
 

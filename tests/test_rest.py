@@ -16,6 +16,8 @@ import psutil
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
+from cumulus_jupyter.jobdir import WORKER_MODULE
+
 # Job functions travel by value, as the SDK sends a notebook's own code.
 cloudpickle.register_pickle_by_value(jobfuncs)
 
@@ -328,7 +330,7 @@ async def test_cancel_right_after_submit_leaves_no_process_and_frees_the_share(
         found = []
         for proc in psutil.process_iter(["cmdline"]):
             cmd = proc.info["cmdline"] or []
-            if "cumulus_jupyter.worker" in cmd and job_dir in cmd:
+            if WORKER_MODULE in cmd and job_dir in cmd:
                 found.append(proc)
         return found
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from cumulus_jupyter import jobcontext
 from cumulus_jupyter.runtime import (
     Checkpointer,
     CheckpointError,
@@ -24,6 +23,7 @@ from cumulus_jupyter.runtime import (
     save_on_interrupt,
     should_pause,
 )
+from cumulus_jupyter.runtime import context as jobcontext
 from cumulus_jupyter.spec import SpecError, format_duration, parse_duration, parse_gpu_memory
 
 

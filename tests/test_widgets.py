@@ -9,8 +9,8 @@ import jobfuncs
 import pytest
 from servers import wait_until
 
-from cumulus_jupyter import widgets
-from cumulus_jupyter.widgets import POLLER, CheckpointBrowser, JobWidget
+from cumulus_jupyter.kernel import widgets
+from cumulus_jupyter.kernel.widgets import POLLER, CheckpointBrowser, JobWidget
 
 
 def buttons(w):

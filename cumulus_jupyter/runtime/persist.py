@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoints import HASH, file_hash, hasher, temporary_path
 from ..fileio import FILE_MODE, fsync_dir
+from ..manifest import HASH, file_hash, hasher, temporary_path
 
 FORMAT = "cumulus-checkpoint"
 

@@ -22,16 +22,16 @@ from typing import Any
 import cloudpickle
 import torch
 
-from ..checkpoints import CheckpointIndex
-from ..fileio import atomic_write_bytes, atomic_write_json, read_json
-from ..jobcontext import JOB_DIR_ENV, JOB_ID_ENV, PAUSE_AT_ENV, RUN_ENV
+from ..fileio import atomic_write_bytes, atomic_write_json
+from ..jobdir import PAUSE_AT_ENV, SEED_ENV, JobDir, job_environment, worker_command
+from ..manifest import CheckpointIndex
 from ..metrics import RUN_FIELD
 from ..shipping import Shipment, write_modules
 from ..spec import python_version
-from ..worker import SEED_ENV
+from ..states import JobState
 from .persist import entry_hash, read_checkpoint
 
-#: Every generator starts from this state in both runs (see worker's SEED_ENV).
+#: Every generator starts from this state in both runs (see jobdir.SEED_ENV).
 _SEED = 20_26_11
 
 
@@ -68,31 +68,29 @@ class _Run:
 
     def __init__(self, directory: Path, shipment: Shipment):
         self.dir = directory
+        self.files = JobDir(directory)
         self.dir.mkdir(mode=0o700, parents=True)
-        atomic_write_bytes(self.dir / "func.pkl", shipment.payload)
+        atomic_write_bytes(self.files.payload, shipment.payload)
         write_modules(self.dir, shipment.files, shipment.origins)
-        atomic_write_json(self.dir / "job.json", {"python_version": python_version()})
-        atomic_write_json(self.dir / "control.json", {})
+        atomic_write_json(self.files.record, {"python_version": python_version()})
+        atomic_write_json(self.files.control, {})
         self.runs = 0
 
     def go(self, pause_at: int, timeout: float) -> None:
         self.runs += 1
         # As a job runs: in its own directory, importing what is installed and
         # what travelled with it, not the caller's working directory or path.
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        env.update(
-            {
-                JOB_DIR_ENV: str(self.dir),
-                JOB_ID_ENV: f"verify-{self.dir.name}",
-                RUN_ENV: str(self.runs),
-                PAUSE_AT_ENV: str(pause_at),
-                SEED_ENV: str(_SEED),
-                "PYTHONUNBUFFERED": "1",
-            }
+        env = job_environment(
+            {k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+            self.dir,
+            f"verify-{self.dir.name}",
+            self.runs,
+            extra={PAUSE_AT_ENV: str(pause_at), SEED_ENV: str(_SEED)},
         )
-        with open(self.dir / "output.log", "ab") as log:
+        log = self.files.open_output()
+        try:
             subprocess.run(
-                [sys.executable, "-m", "cumulus_jupyter.worker", str(self.dir)],
+                worker_command(sys.executable, self.dir),
                 cwd=self.dir,
                 env=env,
                 stdout=log,
@@ -100,14 +98,22 @@ class _Run:
                 timeout=timeout,
                 check=False,
             )
-        state = read_json(self.dir / "state.json", default={}) or {}
-        outcome = cloudpickle.loads((self.dir / "result.pkl").read_bytes())
+        finally:
+            os.close(log)
+        state = self.files.read_state()
+        raw = self.files.read_result()
+        if raw is None:
+            output = self.files.output.read_text(errors="replace")[-2000:]
+            raise RuntimeError(
+                f"run {self.runs} of verify_resume ended without an outcome; its output:\n{output}"
+            )
+        outcome = cloudpickle.loads(raw)
         if not outcome.get("ok"):
             raise RuntimeError(
                 f"the function raised in run {self.runs} of verify_resume:\n"
                 f"{outcome.get('traceback') or outcome.get('message')}"
             )
-        if state.get("state") != "paused":
+        if state.get("state") != JobState.PAUSED.value:
             raise RuntimeError(
                 f"the function ended ({state.get('state')}) before step {pause_at}: it must "
                 "iterate with Checkpointer.loop for at least that many steps, and save and "
@@ -115,13 +121,13 @@ class _Run:
             )
 
     def final_state(self) -> dict[str, Any]:
-        latest = CheckpointIndex(self.dir / "checkpoints").latest()
+        latest = CheckpointIndex(self.files.checkpoints).latest()
         if latest is None:
             raise RuntimeError("the function paused without saving a checkpoint")
         return read_checkpoint(Path(latest["path"]), entry_hash(latest))
 
     def reported(self) -> list[dict[str, Any]]:
-        path = self.dir / "metrics.jsonl"
+        path = self.files.metrics
         if not path.exists():
             return []
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -148,12 +154,12 @@ def verify_resume(
         report = verify_resume(train, steps=30)
         assert report, report   # prints what differs when it is not exact
     """
-    from ..client import _ship_call
+    from ..kernel.payload import ship_call
 
     pause_at = steps // 2 if pause_at is None else pause_at
     if not 1 <= pause_at < steps:
         raise ValueError(f"pause_at must be between 1 and steps - 1 ({steps - 1}), got {pause_at}")
-    shipment = _ship_call(fn, tuple(args), dict(kwargs or {}))
+    shipment = ship_call(fn, tuple(args), dict(kwargs or {}))
     with tempfile.TemporaryDirectory(prefix="cumulus-verify-") as tmp:
         straight = _Run(Path(tmp) / "straight", shipment)
         straight.go(steps, timeout)

@@ -19,10 +19,11 @@ import torch
 from servers import ServerProcess, wait_until
 
 from cumulus_jupyter.errors import CumulusError
-from cumulus_jupyter.gpu import detect_gpus
-from cumulus_jupyter.runtime.checkpoint import Checkpointer
+from cumulus_jupyter.jobdir import WORKER_MODULE
+from cumulus_jupyter.runtime.checkpointer import Checkpointer
 from cumulus_jupyter.runtime.persist import entry_hash, read_checkpoint
 from cumulus_jupyter.runtime.rng import capture_rng_state, restore_rng_state
+from cumulus_jupyter.server.gpu import detect_gpus
 
 ON_A_GPU_HOST = "run benchmarks/gpu_check.sh on a GPU host"
 needs_cuda = pytest.mark.skipif(
@@ -149,7 +150,7 @@ def gpu_server(tmp_path_factory):
     for proc in psutil.process_iter(["cmdline"]):
         with contextlib.suppress(psutil.Error):
             cmd = proc.info["cmdline"] or []
-            if "cumulus_jupyter.worker" in cmd and any(str(srv.job_root) in c for c in cmd):
+            if WORKER_MODULE in cmd and any(str(srv.job_root) in c for c in cmd):
                 proc.kill()
 
 

@@ -1,4 +1,8 @@
-"""Where the job process is and whether it has been asked to pause (no torch import here)."""
+"""Inside the job process: where the job is and whether it has been asked to pause.
+
+Imported by the worker before anything slow, so it imports no torch (nor
+does the ``runtime`` package itself: its names load on first use).
+"""
 
 from __future__ import annotations
 
@@ -13,16 +17,9 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from .fileio import make_private_dir, read_json
+from ..fileio import make_private_dir
+from ..jobdir import CONTROL, JOB_DIR_ENV, JOB_ID_ENV, PAUSE_AT_ENV, RUN_ENV, JobDir
 
-JOB_DIR_ENV = "CUMULUS_JOB_DIR"
-JOB_ID_ENV = "CUMULUS_JOB_ID"
-#: Which run of the job this process is: 1, 2, ... (set by the server and verify_resume).
-RUN_ENV = "CUMULUS_RUN"
-#: verify_resume sets this: Checkpointer.loop asks for a pause at that global step.
-PAUSE_AT_ENV = "CUMULUS_PAUSE_AT_STEP"
-#: Signal the server sends to tell a job that control.json asks it to pause.
-PAUSE_SIGNAL = signal.SIGUSR1
 #: How often should_pause() looks at control.json when no signal arrived
 #: (a fallback for a lost signal, e.g. a job re-adopted after a server restart).
 _CONTROL_POLL_SECONDS = 1.0
@@ -64,6 +61,15 @@ def job_dir() -> Path:
     return make_private_dir(Path.cwd() / "cumulus-local")
 
 
+def current_run() -> int:
+    """This process's run of the job (1, 2, ...); 1 outside a job."""
+    try:
+        run = int(os.environ.get(RUN_ENV, "1"))
+    except ValueError:
+        return 1
+    return run if run >= 1 else 1
+
+
 def job_id() -> str | None:
     """The id of the current job, or ``None`` outside a job."""
     return os.environ.get(JOB_ID_ENV)
@@ -73,11 +79,7 @@ def read_control() -> dict[str, Any]:
     """The server's instructions to this job (``control.json``); empty outside a job."""
     if not in_job():
         return {}
-    try:
-        data = read_json(job_dir() / "control.json", default={})
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
+    return JobDir(job_dir()).read_control()
 
 
 def request_pause(*_: Any) -> None:
@@ -104,7 +106,7 @@ def should_pause() -> bool:
         return False
     _next_control_check = now + _CONTROL_POLL_SECONDS
     try:
-        mtime = os.stat(job_dir() / "control.json").st_mtime
+        mtime = os.stat(job_dir() / CONTROL).st_mtime
     except OSError:
         return False
     if mtime != _control_mtime:

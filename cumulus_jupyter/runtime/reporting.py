@@ -1,21 +1,16 @@
-"""Metrics reporting and the save-on-interrupt guard."""
+"""``report()``: metrics a job records for its UI (``metrics.jsonl``)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import numbers
-import os
-import signal
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..fileio import FILE_MODE
-from ..jobcontext import RUN_ENV, JobInterrupted, job_dir
+from ..jobdir import JobDir
 from ..metrics import RUN_FIELD
-from .checkpoint import Checkpointer
+from .context import current_run, job_dir
 
 
 def _plain(value: Any) -> Any:
@@ -42,15 +37,6 @@ def last_reported() -> dict[str, Any]:
     return dict(_last_reported)
 
 
-def _current_run() -> int:
-    """This process's run of the job (the server sets ``CUMULUS_RUN``); 1 outside a job."""
-    try:
-        run = int(os.environ.get(RUN_ENV, "1"))
-    except ValueError:
-        return 1
-    return run if run >= 1 else 1
-
-
 def report(**metrics: Any) -> None:
     """Record metrics (``report(step=10, total=500, loss=0.31)``) for the job's UI.
 
@@ -71,39 +57,4 @@ def report(**metrics: Any) -> None:
     _last_reported.update(record)
     # The run goes to the file only: it tells the server which of two records
     # for a step is the newer; a checkpoint's metrics (last_reported) need not say.
-    line = json.dumps({**record, RUN_FIELD: _current_run()})
-    fd = os.open(job_dir() / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
-    with os.fdopen(fd, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
-
-
-@contextlib.contextmanager
-def save_on_interrupt(
-    ckpt: Checkpointer,
-    model: Any,
-    optimizer: Any,
-    get_epoch: Callable[[], int],
-    get_step: Callable[[], int],
-    *,
-    scheduler: Any = None,
-) -> Iterator[None]:
-    """Save a checkpoint if SIGTERM or SIGINT arrives inside the block, then stop.
-
-    This is what the server's escalation relies on when a job does not answer
-    a pause in time: it sends SIGTERM, the guard saves at the current epoch and
-    step, and the job ends as paused and resumable. ``get_epoch`` and
-    ``get_step`` are called at that moment, e.g. ``lambda: epoch``.
-    ``scheduler`` (one, or a list) is saved with them, as
-    :meth:`Checkpointer.save` does.
-    """
-
-    def handler(signum: int, _frame: Any) -> None:
-        path = ckpt.save(model, optimizer, get_epoch(), get_step(), scheduler=scheduler)
-        raise JobInterrupted(signum, path)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+    JobDir(job_dir()).append_metrics(json.dumps({**record, RUN_FIELD: current_run()}))

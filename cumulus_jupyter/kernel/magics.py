@@ -17,11 +17,11 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 
-from .cellrun import run_cell
+from ..errors import CumulusError
+from ..runtime.cellrun import run_cell
+from ..spec import SpecError, parse_duration, parse_gpu_memory
 from .client import CumulusClient, Job
-from .errors import CumulusError
 from .logstream import LineAssembler, render
-from .spec import SpecError, parse_duration, parse_gpu_memory
 
 _SUBCOMMANDS = ("jobs", "attach", "pause", "resume", "cancel", "logs", "checkpoints")
 _UPDATE_EVERY = 0.1  # seconds between redraws of a progress line
@@ -97,7 +97,7 @@ class JobTable:
         self.records = records
 
     def _cells(self, r: dict[str, Any]) -> list[str]:
-        from .spec import format_duration
+        from ..spec import format_duration
 
         elapsed = r.get("elapsed")
         return [
@@ -343,7 +343,7 @@ class CumulusMagics(Magics):
 
 def load_ipython_extension(ip: Any) -> None:
     """``%load_ext cumulus_jupyter``: register the magics; make ``runtime`` importable."""
-    from .jobcontext import install_runtime_alias
+    from ..runtime.context import install_runtime_alias
 
     install_runtime_alias()
     ip.register_magics(CumulusMagics)

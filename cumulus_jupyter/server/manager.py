@@ -15,24 +15,25 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from .backend import Backend, LocalBackend, ProcessHandle, default_python
-from .checkpoints import CheckpointIndex
-from .errors import (
+from ..errors import (
     BadRequestError,
     InvalidStateError,
     JobNotFoundError,
     PayloadTooLargeError,
 )
+from ..jobdir import RUN_ENV
+from ..manifest import CheckpointIndex
+from ..metrics import newest_per_step, with_run
+from ..shipping import parse_modules
+from ..spec import SpecError, parse_duration, parse_gpu_memory, parse_name, python_version
+from ..states import ACTIVE, RESUMABLE, JobState, actions, can_transition
+from .backends import Backend, LocalBackend, ProcessHandle
 from .gpu import ShareLedger
-from .jobcontext import RUN_ENV
-from .metrics import newest_per_step, with_run
-from .shipping import parse_modules
-from .spec import SpecError, parse_duration, parse_gpu_memory, parse_name, python_version
-from .states import ACTIVE, RESUMABLE, JobState, can_transition
 from .store import JobStore
 
 #: Environment variables a job must not inherit from the server: its own
@@ -166,6 +167,14 @@ class JobManager:
             out["elapsed"] = round((end or now) - started, 3)
         else:
             out["elapsed"] = None
+        out["actions"] = [
+            a.value
+            for a in actions(
+                JobState(job["state"]),
+                cancelling=bool(job.get("cancel_requested")),
+                damaged=bool(job.get("damaged")),
+            )
+        ]
         return out
 
     def list_jobs(self) -> list[dict[str, Any]]:
@@ -275,7 +284,7 @@ class JobManager:
                 f"host and the server's Python is {python_version()}: submit from "
                 f"Python {python_version()}"
             )
-        return default_python()
+        return sys.executable  # the server's own
 
     # -- control ---------------------------------------------------------------
 

@@ -23,9 +23,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .errors import JobNotFoundError
-from .fileio import FILE_MODE, atomic_write_bytes, atomic_write_json, make_private_dir, read_json
-from .shipping import write_modules
+from ..errors import JobNotFoundError
+from ..fileio import FILE_MODE, atomic_write_bytes, atomic_write_json, make_private_dir, read_json
+from ..shipping import write_modules
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 

@@ -1,9 +1,4 @@
-"""Execution backends: how a job's process is started, signalled and watched.
-
-The manager only talks to :class:`Backend`, so a distributed engine (Ray, a
-batch scheduler) can replace :class:`LocalBackend` through the
-``CumulusApp.backend_class`` trait without touching the lifecycle code.
-"""
+"""``LocalBackend``: each run is a child process of the server, on this host."""
 
 from __future__ import annotations
 
@@ -11,71 +6,15 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
-from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import psutil
 
-from .fileio import FILE_MODE
+from ...jobdir import PAUSE_SIGNAL, JobDir, worker_command
+from . import Backend, ProcessHandle
 
 # Two readings of one process's start time differ by rounding only.
 _START_TIME_TOLERANCE = 0.05
-
-
-@dataclass(frozen=True)
-class ProcessHandle:
-    """Identifies one job process: its pid *and* start time, so a reused pid never matches."""
-
-    pid: int
-    create_time: float | None
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Any) -> ProcessHandle | None:
-        if not isinstance(data, dict) or not isinstance(data.get("pid"), int):
-            return None
-        ct = data.get("create_time")
-        return cls(pid=data["pid"], create_time=float(ct) if ct is not None else None)
-
-
-class Backend(ABC):
-    """Starts and controls job processes. Every method must be quick (no waiting)."""
-
-    @abstractmethod
-    def start(self, job_dir: Path, python: str, env: dict[str, str]) -> ProcessHandle:
-        """Start ``python -m cumulus_jupyter.worker job_dir`` with ``env``."""
-
-    @abstractmethod
-    def is_alive(self, handle: ProcessHandle) -> bool:
-        """Whether the job's main process still runs."""
-
-    @abstractmethod
-    def exit_code(self, handle: ProcessHandle) -> int | None:
-        """The exit status of a finished process, when this backend knows it."""
-
-    @abstractmethod
-    def notify_pause(self, handle: ProcessHandle) -> None:
-        """Tell the process that ``control.json`` now asks it to pause."""
-
-    @abstractmethod
-    def terminate(self, handle: ProcessHandle) -> None:
-        """Ask the job to stop now (SIGTERM): it may still save a checkpoint."""
-
-    @abstractmethod
-    def kill(self, handle: ProcessHandle) -> None:
-        """Stop the job and everything it started, without delay (SIGKILL)."""
-
-    @abstractmethod
-    def adopt(self, handle: ProcessHandle) -> bool:
-        """After a server restart: whether ``handle`` is still that very job process."""
-
-    def cleanup(self, handle: ProcessHandle) -> None:  # noqa: B027 - optional hook
-        """Remove what is left of a job whose main process has ended."""
 
 
 class LocalBackend(Backend):
@@ -85,10 +24,10 @@ class LocalBackend(Backend):
         self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     def start(self, job_dir: Path, python: str, env: dict[str, str]) -> ProcessHandle:
-        log_fd = os.open(job_dir / "output.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+        log_fd = JobDir(job_dir).open_output()
         try:
             proc = subprocess.Popen(
-                [python, "-m", "cumulus_jupyter.worker", str(job_dir)],
+                worker_command(python, job_dir),
                 cwd=job_dir,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -154,7 +93,7 @@ class LocalBackend(Backend):
     def notify_pause(self, handle: ProcessHandle) -> None:
         if self._process(handle) is not None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(handle.pid, signal.SIGUSR1)
+                os.kill(handle.pid, PAUSE_SIGNAL)
 
     def terminate(self, handle: ProcessHandle) -> None:
         # Only the main process: it saves a checkpoint on SIGTERM and needs
@@ -213,8 +152,3 @@ class LocalBackend(Backend):
         child = self._children.get(handle.pid)
         if child is not None and child.poll() is not None:
             del self._children[handle.pid]
-
-
-def default_python() -> str:
-    """The interpreter jobs use when the submitter's is not on this host."""
-    return sys.executable

@@ -13,23 +13,23 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, overload
 
-from .. import jobcontext
-from ..checkpoints import CheckpointIndex
-from ..jobcontext import job_dir, read_control
-from . import persist
+from ..jobdir import JobDir
+from ..manifest import CheckpointIndex
+from ..metrics import POSITION_FIELDS
+from . import context, persist
+from .context import job_dir, read_control
 from .loop import ResumePoint, capture_epoch_start, restore_epoch_start
 from .persist import CheckpointError, entry_hash, read_checkpoint, snapshot, write_checkpoint
+from .reporting import last_reported
 from .retention import Retention
 from .rng import capture_rng_state, restore_rng_state
 
 __all__ = ["CheckpointError", "Checkpointer", "checkpoint_dir", "list_checkpoints"]
 
-_NOT_METRICS = {"step", "total", "time", "epoch"}
-
 
 def checkpoint_dir() -> Path:
     """Where the current job keeps its checkpoints."""
-    return job_dir() / "checkpoints"
+    return JobDir(job_dir()).checkpoints
 
 
 def list_checkpoints() -> list[dict[str, Any]]:
@@ -245,10 +245,8 @@ class Checkpointer:
         if self._epoch_start is not None:
             state["loop"] = {"epoch_start": self._epoch_start, "global_step": self._global_step}
         if metrics is None:
-            from .helpers import last_reported
-
             metrics = last_reported()
-        entry_metrics = {k: v for k, v in (metrics or {}).items() if k not in _NOT_METRICS}
+        entry_metrics = {k: v for k, v in (metrics or {}).items() if k not in POSITION_FIELDS}
         name = f"{self._stem}-e{int(epoch)}-s{int(step)}{self._suffix}"
         self.index.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Saving again at a listed epoch and step must not overwrite its file
@@ -268,7 +266,7 @@ class Checkpointer:
                 name=f"cumulus-save-{name}",
                 daemon=True,
             )
-            jobcontext.track_save(self)
+            context.track_save(self)
             self._pending.start()
         return str(final)
 
@@ -489,7 +487,7 @@ class Checkpointer:
                 stacklevel=2,
             )
         resume, self._resume = self._resume, None
-        pause_at = jobcontext.pause_at_step()
+        pause_at = context.pause_at_step()
         epoch = 0
         if resume is not None:
             epoch = resume.epoch
@@ -526,7 +524,7 @@ class Checkpointer:
                 # Counted before the body runs: a save in it records this batch as done.
                 self._global_step = global_step + 1
                 if pause_at is not None and self._global_step >= pause_at:
-                    jobcontext.request_pause()
+                    context.request_pause()
                 if with_global_step:
                     yield epoch, step, global_step, batch
                 else:

@@ -1,8 +1,8 @@
-"""The job process: ``python -m cumulus_jupyter.worker JOB_DIR``.
+"""One run of a job: ``python -m cumulus_jupyter.runtime.worker JOB_DIR``.
 
-It runs one *run* of a job: unpickles the function, calls it, and records the
-outcome itself (``state.json``, ``result.pkl``), so a job finishes correctly
-even when the server that started it is gone.
+It unpickles the function, calls it, and records the outcome itself
+(``state.json``, ``result.pkl``; see :mod:`cumulus_jupyter.jobdir`), so a job
+finishes correctly even when the server that started it is gone.
 """
 
 from __future__ import annotations
@@ -16,16 +16,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_write_bytes, atomic_write_json, read_json
-from .jobcontext import RUN_ENV
-from .shipping import install_shipped_modules, missing_module_message
-from .spec import python_version
-
-#: Environment the backend sets for the worker.
-GPU_FRACTION_ENV = "CUMULUS_GPU_FRACTION"
-NICE_ENV = "CUMULUS_JOB_NICE"
-#: Set by verify_resume only: the seed every generator starts from in each run.
-SEED_ENV = "CUMULUS_VERIFY_SEED"
+from ..jobdir import GPU_FRACTION_ENV, NICE_ENV, PAUSE_SIGNAL, SEED_ENV, JobDir
+from ..shipping import install_shipped_modules, missing_module_message
+from ..spec import python_version
+from ..states import run_outcome
+from . import context
+from .context import JobInterrupted, current_run, pause_observed, read_control, request_pause
 
 
 def _process_start_time() -> float | None:
@@ -100,15 +96,6 @@ def run(job_dir: Path) -> int:
     # The pause signal's default action would kill the process, so its
     # handler goes in before anything slow (torch) is imported; state.json
     # saying "running" for this run tells the server it may signal now.
-    from . import jobcontext
-    from .jobcontext import (
-        PAUSE_SIGNAL,
-        JobInterrupted,
-        pause_observed,
-        read_control,
-        request_pause,
-    )
-
     signal.signal(PAUSE_SIGNAL, request_pause)
     # Below the server that controls it: a pause or a status request must not
     # wait behind fifty jobs starting up on a few cores.
@@ -124,23 +111,23 @@ def run(job_dir: Path) -> int:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
     os.chdir(job_dir)
+    files = JobDir(job_dir)
     state: dict[str, Any] = {
         "state": "running",
         "pid": os.getpid(),
         "create_time": _process_start_time(),
-        "run": int(os.environ.get(RUN_ENV, "1")),
+        "run": current_run(),
         "started": time.time(),
     }
-    atomic_write_json(job_dir / "state.json", state)
+    files.write_state(state)
 
     outcome: dict[str, Any]
     interrupted = False
     origins: dict[str, str] = {}
     try:
         # The seed's examples say `from runtime import Checkpointer, should_pause`.
-        jobcontext.install_runtime_alias()
-        spec = read_json(job_dir / "job.json", default={})
-        want = spec.get("python_version")
+        context.install_runtime_alias()
+        want = files.read_spec().get("python_version")
         have = python_version()
         if want and want != have:
             raise RuntimeError(
@@ -154,7 +141,7 @@ def run(job_dir: Path) -> int:
         # function import what the kernel imported.
         origins = install_shipped_modules(job_dir)
         _seed_for_verification()
-        call = cloudpickle.loads((job_dir / "func.pkl").read_bytes())
+        call = cloudpickle.loads(files.payload.read_bytes())
         if not (
             isinstance(call, tuple)
             and len(call) == 3
@@ -199,7 +186,7 @@ def run(job_dir: Path) -> int:
     # must not leave result.pkl and state.json disagreeing.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # A pause or an exit counts only once the last checkpoint is durable.
-    save_errors = jobcontext.wait_for_saves()
+    save_errors = context.wait_for_saves()
     if save_errors and outcome["ok"]:
         save_error = save_errors[-1]
         outcome = {
@@ -209,29 +196,23 @@ def run(job_dir: Path) -> int:
             "traceback": "".join(traceback.format_exception(save_error)),
         }
         sys.stderr.write(outcome["traceback"])
-    control = read_control()
-    if not outcome["ok"]:
-        final = "failed"
-    elif control.get("cancel"):
-        final = "cancelled"
-    elif interrupted or pause_observed():
-        final = "timed_out" if control.get("reason") == "duration" else "paused"
-    else:
-        final = "completed"
-    atomic_write_bytes(job_dir / "result.pkl", _dumps_result(outcome))
-    state.update(state=final, ended=time.time(), exit={"interrupted": interrupted})
+    final = run_outcome(
+        ok=outcome["ok"], stopped=interrupted or pause_observed(), control=read_control()
+    )
+    files.write_result(_dumps_result(outcome))
+    state.update(state=final.value, ended=time.time(), exit={"interrupted": interrupted})
     if not outcome["ok"]:
         state["error"] = f"{outcome['exc_type']}: {outcome['message']}"
     sys.stdout.flush()
     sys.stderr.flush()
-    atomic_write_json(job_dir / "state.json", state)
+    files.write_state(state)
     return 0 if outcome["ok"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        sys.stderr.write("usage: python -m cumulus_jupyter.worker JOB_DIR\n")
+        sys.stderr.write("usage: python -m cumulus_jupyter.runtime.worker JOB_DIR\n")
         return 2
     return run(Path(argv[0]).resolve())
 

@@ -11,8 +11,8 @@ from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Float, Integer, List, TraitError, Type, Unicode, default, validate
 
-from ._version import __version__
-from .backend import Backend, LocalBackend
+from .._version import __version__
+from .backends import Backend, LocalBackend
 from .gpu import detect_gpus
 from .handlers import handlers
 from .manager import JobManager

@@ -19,7 +19,7 @@ from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
-from .errors import BadRequestError, CumulusError
+from ..errors import BadRequestError, CumulusError
 from .manager import JobManager
 
 AUTH_RESOURCE = "cumulus"

@@ -18,11 +18,11 @@ from typing import Any
 
 import ipywidgets as w
 
+from ..errors import CumulusError
+from ..metrics import StepMerger
+from ..spec import format_duration
 from .client import Job, _quote
-from .errors import CumulusError
 from .logstream import LineAssembler
-from .metrics import StepMerger
-from .spec import format_duration
 
 STATE_COLORS = {
     "queued": "#6c757d",
