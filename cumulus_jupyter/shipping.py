@@ -45,11 +45,8 @@ from typing import Any
 import cloudpickle
 
 from .fileio import atomic_write_bytes, atomic_write_json, make_private_dir, read_json
+from .jobdir import JobDir
 
-#: Where the job finds shipped modules, relative to its directory.
-MODULES_DIR = "modules"
-#: The shipped files' list and every referenced module's origin.
-MODULES_FILE = "modules.json"
 #: More than this much source is not shipped: install it on the server instead.
 MAX_SHIPPED_BYTES = 32 * 1024 * 1024
 #: Never shipped: the job process has them by definition.
@@ -346,13 +343,14 @@ def parse_modules(value: Any, limit: int) -> tuple[dict[str, bytes], dict[str, s
 def write_modules(job_dir: Path, files: dict[str, bytes], origins: dict[str, str]) -> None:
     """Store what travels with a job in its directory (files private, like the rest)."""
     if files:
-        root = job_dir / MODULES_DIR
+        root = JobDir(job_dir).modules
         for rel, data in files.items():
             target = root / rel
             make_private_dir(target.parent)
             atomic_write_bytes(target, data)
     if files or origins:
-        atomic_write_json(job_dir / MODULES_FILE, {"files": sorted(files), "origins": origins})
+        index = {"files": sorted(files), "origins": origins}
+        atomic_write_json(JobDir(job_dir).modules_index, index)
 
 
 def install_shipped_modules(job_dir: Path) -> dict[str, str]:
@@ -361,14 +359,14 @@ def install_shipped_modules(job_dir: Path) -> dict[str, str]:
     ``PYTHONPATH`` gets them too, so processes the job starts (DataLoader
     workers that spawn, subprocesses) import the same code.
     """
-    modules = job_dir / MODULES_DIR
+    modules = JobDir(job_dir).modules
     if modules.is_dir():
         sys.path.insert(0, str(modules))
         os.environ["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(modules), os.environ.get("PYTHONPATH", "")) if p
         )
     try:
-        data = read_json(job_dir / MODULES_FILE, default={}) or {}
+        data = read_json(JobDir(job_dir).modules_index, default={}) or {}
     except ValueError:
         return {}
     origins = data.get("origins") if isinstance(data, dict) else None

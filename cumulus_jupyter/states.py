@@ -118,20 +118,23 @@ def actions(state: JobState, *, cancelling: bool = False, damaged: bool = False)
 
 
 def refusal(action: Action, state: JobState, *, cancelling: bool = False) -> str | None:
-    """Why ``action`` is not allowed on a job in ``state``, or ``None`` when it is."""
+    """Why ``action`` is not allowed on a job in ``state``, or ``None`` when it is.
+
+    The reason reads after "job <id> ": ``"is paused; only a running job can pause"``.
+    """
     if action in actions(state, cancelling=cancelling):
         return None
     if cancelling and state in ACTIVE:
-        return f"it is being cancelled; {action.value} is not possible now"
+        return f"is being cancelled; it cannot {action.value} now"
     if action is Action.PAUSE:
         if state is JobState.PAUSING:
-            return "it is already pausing"
-        return f"it is {state.value}; only a running job can pause"
+            return "is already pausing"
+        return f"is {state.value}; only a running job can pause"
     if action is Action.RESUME:
-        return f"it is {state.value}; only a paused, timed-out or lost job can resume"
+        return f"is {state.value}; only a paused, timed-out or lost job can resume"
     if action is Action.DELETE:
-        return f"it is {state.value}; cancel it before deleting it"
-    return f"it is {state.value}; it cannot be cancelled"
+        return f"is {state.value}; cancel it before deleting it"
+    return f"is {state.value}; it cannot be cancelled"
 
 
 # -- how a run ended ------------------------------------------------------------------

@@ -19,8 +19,10 @@ from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
-from ..errors import BadRequestError, CumulusError
+from ..errors import CumulusError
+from ..states import ACTIVE, JobState
 from .manager import JobManager
+from .requests import parse_resume, parse_submission
 
 AUTH_RESOURCE = "cumulus"
 _ID = r"(?P<job_id>[^/]+)"
@@ -124,7 +126,8 @@ class JobsHandler(CumulusHandler):
         with self.errors():
             user = self.current_user
             owner = getattr(user, "username", "") or ""
-            job = await self.manager.submit(self.body(), owner=owner)
+            submission = parse_submission(self.body(), self.manager.max_payload_bytes)
+            job = await self.manager.submit(submission, owner=owner)
         self.set_header("Location", self._job_url(job["id"]))
         self.reply(job, status=201)
 
@@ -162,14 +165,7 @@ class ResumeHandler(CumulusHandler):
     @authorized("execute")
     async def post(self, job_id: str) -> None:
         with self.errors():
-            body = self.body()
-            unknown = set(body) - {"checkpoint", "duration"}
-            if unknown:
-                raise BadRequestError(
-                    f"unknown field(s) {sorted(unknown)}; resume takes 'checkpoint' and 'duration'"
-                )
-            job = self.manager.resume(job_id, body.get("checkpoint"), body.get("duration"))
-            self.reply(job)
+            self.reply(self.manager.resume(job_id, parse_resume(self.body())))
 
 
 class CancelHandler(CumulusHandler):
@@ -195,8 +191,7 @@ class ResultHandler(CumulusHandler):
         with self.errors():
             wait = self.number_arg("wait", 0.0, 0.0, MAX_WAIT)
             deadline = time.monotonic() + wait
-            active = ("queued", "running", "pausing")
-            while self.manager.get(job_id)["state"] in active:
+            while self.manager.get(job_id).state in ACTIVE:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self.reply(self.manager.public(job_id), status=202)
@@ -204,15 +199,16 @@ class ResultHandler(CumulusHandler):
                 await self.manager.wait_for_change(job_id, left)
             job = self.manager.get(job_id)
             # A cancelled run's outcome is not a result, whatever it left behind.
-            data = None if job["state"] == "cancelled" else self.manager.result_bytes(job_id)
+            cancelled = job.state is JobState.CANCELLED
+            data = None if cancelled else self.manager.store.dir(job_id).read_result()
             if data is None:
                 raise web.HTTPError(
                     409,
-                    f"job {job_id} is {job['state']} and its last run returned nothing: "
-                    f"{job.get('message') or ''}".replace("%", "%%"),
+                    f"job {job_id} is {job.state} and its last run returned nothing: "
+                    f"{job.message}".replace("%", "%%"),
                     reason="no_result",
                 )
-        self.set_header("X-Cumulus-State", job["state"])
+        self.set_header("X-Cumulus-State", job.state.value)
         self.finish(data, set_content_type="application/octet-stream")
 
 
@@ -227,8 +223,8 @@ class LogsHandler(CumulusHandler):
             wait = self.number_arg("wait", 0.0, 0.0, MAX_WAIT)
             deadline = time.monotonic() + wait
             while True:
-                data, size = self.manager.read_log(job_id, offset)
-                running = self.manager.get(job_id)["state"] in ("queued", "running", "pausing")
+                running = self.manager.get(job_id).state in ACTIVE
+                data, size = self.manager.store.read_log(job_id, offset)
                 if data or not running or time.monotonic() >= deadline:
                     break
                 # Log growth is not an event the server hears about; a short
@@ -273,7 +269,8 @@ class MetricsHandler(CumulusHandler):
                 if not run.is_integer():
                     raise web.HTTPError(400, "run must be a whole number", reason="bad_request")
             every = self.bool_arg("all", False)
-            records, next_index = self.manager.metrics(
+            self.manager.get(job_id)
+            records, next_index = self.manager.store.metrics(
                 job_id, since, run=None if run is None else int(run), every=every
             )
             self.reply({"metrics": records, "since": since, "next": next_index})

@@ -1,22 +1,13 @@
-"""The job root on disk: one private directory per job, the source of truth.
+"""The job root on disk: one private directory per job (see :mod:`cumulus_jupyter.jobdir`).
 
-::
-
-    <job_root>/<job_id>/
-      job.json        the spec and the server's record (written by the server)
-      func.pkl        the cloudpickled (function, args, kwargs); never unpickled here
-      modules/        the submitter's own modules that travel with the job (source files)
-      modules.json    their list, and where the submitter imported each module from
-      control.json    the pause / cancel flags and the chosen resume checkpoint
-      state.json      written by the job process itself: pid, start time, outcome
-      output.log      stdout and stderr, appended across runs
-      metrics.jsonl   what report() recorded
-      result.pkl      the last run's return value or exception
-      checkpoints/    checkpoint files and their manifest
+The server reads and writes job directories only through :class:`JobStore`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
 import secrets
 import shutil
@@ -25,9 +16,14 @@ from typing import Any
 
 from ..errors import JobNotFoundError
 from ..fileio import FILE_MODE, atomic_write_bytes, atomic_write_json, make_private_dir, read_json
+from ..jobdir import JobDir
+from ..manifest import CheckpointIndex
+from ..metrics import newest_per_step, with_run
 from ..shipping import write_modules
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+#: The most log bytes one read returns.
+LOG_CHUNK = 1 << 20
 
 
 def valid_job_id(job_id: str) -> bool:
@@ -53,24 +49,9 @@ class JobStore:
             raise JobNotFoundError(f"no job {job_id!r}")
         return self.root / job_id
 
-    def create(
-        self,
-        job_id: str,
-        record: dict[str, Any],
-        payload: bytes,
-        files: dict[str, bytes] | None = None,
-        origins: dict[str, str] | None = None,
-    ) -> Path:
-        """Make the job's directory: its payload, the modules that travel with it, its record."""
-        d = self.path(job_id)
-        d.mkdir(mode=0o700)
-        atomic_write_bytes(d / "func.pkl", payload)
-        write_modules(d, files or {}, origins or {})
-        atomic_write_json(d / "control.json", {"pause": False, "cancel": False})
-        (d / "output.log").touch(mode=FILE_MODE)
-        # A job the client was told exists must survive a power loss.
-        self.write_record(job_id, record, durable=True)
-        return d
+    def dir(self, job_id: str) -> JobDir:
+        """The files of ``job_id``."""
+        return JobDir(self.path(job_id))
 
     def job_ids(self) -> list[str]:
         """Ids of every job directory (in no particular order)."""
@@ -80,38 +61,103 @@ class JobStore:
                 ids.append(entry.name)
         return ids
 
-    def read_record(self, job_id: str) -> dict[str, Any]:
-        """The server's record; :class:`ValueError` if it is damaged or missing."""
-        data = read_json(self.path(job_id) / "job.json")
-        if not isinstance(data, dict) or "id" not in data:
-            raise ValueError(f"{self.path(job_id) / 'job.json'} is missing or not a job record")
+    # -- the job's lifetime ----------------------------------------------------------
+
+    def create(
+        self,
+        job_id: str,
+        record: dict[str, Any],
+        payload: bytes,
+        files: dict[str, bytes] | None = None,
+        origins: dict[str, str] | None = None,
+    ) -> Path:
+        """Make the job's directory: its payload, the modules that travel with it, its record."""
+        d = self.dir(job_id)
+        d.path.mkdir(mode=0o700)
+        atomic_write_bytes(d.payload, payload)
+        write_modules(d.path, files or {}, origins or {})
+        atomic_write_json(d.control, {"pause": False, "cancel": False})
+        d.output.touch(mode=FILE_MODE)
+        # A job the client was told exists must survive a power loss.
+        self.write_record(job_id, record, durable=True)
+        return d.path
+
+    def read_record(self, job_id: str) -> Any:
+        """What ``job.json`` holds (checked by the caller); :class:`ValueError` if unreadable."""
+        path = self.dir(job_id).record
+        data = read_json(path)
+        if data is None:
+            raise ValueError(f"{path} is missing")
         return data
 
     def write_record(self, job_id: str, record: dict[str, Any], durable: bool = False) -> None:
         # Not fsynced: written on every state change from the event loop. After
         # a power loss the job's own state.json settles what happened.
-        atomic_write_json(self.path(job_id) / "job.json", record, durable=durable)
-
-    def _read_object(self, job_id: str, name: str) -> dict[str, Any]:
-        """A JSON object file of the job; empty when missing or damaged."""
-        try:
-            data = read_json(self.path(job_id) / name, default={})
-        except ValueError:
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def read_state(self, job_id: str) -> dict[str, Any]:
-        """What the job process last wrote about itself (empty if nothing readable)."""
-        return self._read_object(job_id, "state.json")
-
-    def read_control(self, job_id: str) -> dict[str, Any]:
-        """The server's instructions to the job (empty if nothing readable)."""
-        return self._read_object(job_id, "control.json")
-
-    def write_control(self, job_id: str, **changes: Any) -> None:
-        control = self.read_control(job_id)
-        control.update(changes)
-        atomic_write_json(self.path(job_id) / "control.json", control, durable=False)
+        atomic_write_json(self.dir(job_id).record, record, durable=durable)
 
     def remove(self, job_id: str) -> None:
         shutil.rmtree(self.path(job_id))
+
+    # -- what the job wrote ------------------------------------------------------------
+
+    def checkpoints(self, job_id: str) -> CheckpointIndex:
+        return CheckpointIndex(self.dir(job_id).checkpoints)
+
+    def metrics(
+        self, job_id: str, since: int = 0, run: int | None = None, every: bool = False
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Reported metrics from record number ``since`` on, and the number of the next.
+
+        By default one record per step, the newest run's (see
+        :mod:`cumulus_jupyter.metrics`); ``run`` gives that run's records and
+        ``every`` all records, as they were written. Each record has its ``run``.
+        ``since`` and the number returned count the records written, whichever
+        view is asked for, so a poller pages through any of them the same way.
+        """
+        out: list[dict[str, Any]] = []
+        count = 0
+        path = self.dir(job_id).metrics
+        with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8") as f:
+            for line in f:
+                if not line.endswith("\n"):
+                    break  # being written right now: next time
+                count += 1
+                if count <= since:
+                    continue
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    if isinstance(record, dict):
+                        out.append(with_run(record))
+        if run is not None:
+            return [r for r in out if r["run"] == run], count
+        if every:
+            return out, count
+        return newest_per_step(out), count
+
+    def read_log(self, job_id: str, offset: int, limit: int = LOG_CHUNK) -> tuple[bytes, int]:
+        """Bytes of ``output.log`` from ``offset`` (at most ``LOG_CHUNK``) and its total size."""
+        try:
+            with open(self.dir(job_id).output, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                f.seek(min(offset, size))
+                return f.read(max(0, min(limit, LOG_CHUNK))), size
+        except FileNotFoundError:
+            return b"", 0
+
+    def last_log_line(self, job_id: str) -> str:
+        """The job's last line of output: often the reason it died."""
+        try:
+            with open(self.dir(job_id).output, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+                data = f.read()
+        except OSError:
+            return ""
+        lines = [ln for ln in data.decode("utf-8", "replace").splitlines() if ln.strip()]
+        return lines[-1].strip()[:300] if lines else ""
+
+    def free_bytes(self, job_id: str) -> int | None:
+        """Free space on the disk that holds the job's directory."""
+        try:
+            return shutil.disk_usage(self.path(job_id)).free
+        except OSError:
+            return None

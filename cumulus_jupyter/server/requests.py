@@ -1,0 +1,143 @@
+"""What clients send, checked: a submission and a resume, or a :class:`BadRequestError`.
+
+Every message says what to send instead. Nothing here unpickles the payload:
+the server looks at its framing only.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import BadRequestError, PayloadTooLargeError
+from ..shipping import parse_modules
+from ..spec import SpecError, parse_duration, parse_gpu_memory, parse_name, python_version
+
+SUBMIT_FIELDS = frozenset(
+    {"payload", "modules", "name", "gpu_memory", "duration", "python", "python_version"}
+)
+RESUME_FIELDS = frozenset({"checkpoint", "duration"})
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A valid ``POST jobs`` body."""
+
+    payload: bytes
+    files: dict[str, bytes]
+    origins: dict[str, str]
+    name: str
+    gpu_memory: float
+    duration: float | None
+    #: The interpreter runs use: the submitter's own when it is on this host.
+    python: str
+    python_version: str
+
+
+@dataclass(frozen=True)
+class ResumeRequest:
+    """A valid ``POST jobs/{id}/resume`` body."""
+
+    #: The checkpoint to resume from; None: the newest good one.
+    checkpoint: str | None = None
+    #: A new duration limit; None keeps the job's.
+    duration: float | None = None
+
+
+def _object(body: Any, allowed: frozenset[str], what: str) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise BadRequestError("the request body must be a JSON object")
+    unknown = set(body) - allowed
+    if unknown:
+        raise BadRequestError(f"unknown field(s) {sorted(unknown)}; {what}")
+    return body
+
+
+def parse_submission(body: Any, max_payload_bytes: int) -> Submission:
+    """Check a submission; :class:`PayloadTooLargeError` past ``max_payload_bytes``."""
+    body = _object(body, SUBMIT_FIELDS, f"known fields: {sorted(SUBMIT_FIELDS)}")
+    payload = _decode_payload(body.get("payload"), max_payload_bytes)
+    try:
+        files, origins = parse_modules(body.get("modules"), max_payload_bytes - len(payload))
+    except OverflowError:
+        raise PayloadTooLargeError(_too_large(max_payload_bytes)) from None
+    except ValueError as e:
+        raise BadRequestError(str(e)) from None
+    try:
+        gpu_memory = parse_gpu_memory(body.get("gpu_memory", 1.0))
+        duration = parse_duration(body.get("duration"))
+        name = parse_name(body.get("name"), default="job")
+    except SpecError as e:
+        raise BadRequestError(str(e)) from None
+    version = body.get("python_version")
+    if not isinstance(version, str) or not version:
+        raise BadRequestError(
+            "python_version is required (e.g. '3.11'): jobs are pickled with cloudpickle, "
+            "which needs the same Python version on both ends"
+        )
+    return Submission(
+        payload=payload,
+        files=files,
+        origins=origins,
+        name=name,
+        gpu_memory=gpu_memory,
+        duration=duration,
+        python=_choose_python(body.get("python"), version),
+        python_version=version,
+    )
+
+
+def parse_resume(body: Any) -> ResumeRequest:
+    """Check a resume body (empty: the newest checkpoint, the same limit)."""
+    body = _object(body, RESUME_FIELDS, "resume takes 'checkpoint' and 'duration'")
+    checkpoint = body.get("checkpoint")
+    if checkpoint is not None and (not isinstance(checkpoint, str) or not checkpoint):
+        raise BadRequestError("checkpoint must be the name of one of the job's checkpoints")
+    try:
+        duration = parse_duration(body.get("duration"))
+    except SpecError as e:
+        raise BadRequestError(str(e)) from None
+    return ResumeRequest(checkpoint=checkpoint, duration=duration)
+
+
+def _decode_payload(value: Any, limit: int) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise BadRequestError(
+            "payload is required: the base64 of cloudpickle.dumps((func, args, kwargs))"
+        )
+    if len(value) * 3 // 4 > limit:
+        raise PayloadTooLargeError(_too_large(limit))
+    try:
+        payload = base64.b64decode(value, validate=True)
+    except ValueError:
+        raise BadRequestError("payload is not valid base64") from None
+    if len(payload) > limit:
+        raise PayloadTooLargeError(_too_large(limit))
+    # Look at the framing only (protocol 2+ opens with PROTO, every pickle
+    # closes with STOP); the server never unpickles what it was sent.
+    if len(payload) < 3 or payload[0] != 0x80 or payload[-1:] != b".":
+        raise BadRequestError("payload is not a complete pickle (empty or truncated?)")
+    return payload
+
+
+def _too_large(limit: int) -> str:
+    return (
+        f"the pickled function and arguments exceed the server's limit of "
+        f"{limit / (1 << 20):.0f} MiB: load large data inside the job instead of shipping it, "
+        "or raise CumulusApp.max_payload_bytes"
+    )
+
+
+def _choose_python(python: Any, version: str) -> str:
+    if isinstance(python, str) and os.path.isabs(python) and os.access(python, os.X_OK):
+        return python  # the submitter's own interpreter, with its packages
+    if version != python_version():
+        raise BadRequestError(
+            f"the job was pickled by Python {version}, but its interpreter is not on this "
+            f"host and the server's Python is {python_version()}: submit from "
+            f"Python {python_version()}"
+        )
+    return sys.executable  # the server's own
