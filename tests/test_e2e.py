@@ -549,3 +549,37 @@ def test_a_job_repr_says_how_old_the_state_it_shows_is(client, monkeypatch):
     assert repr(job) == f"<Job {job.id} 'add' {submitted} as of 1m30s ago; status() refreshes>"
     assert job.status() == "completed"
     assert repr(job) == f"<Job {job.id} 'add' completed>"
+
+
+def test_a_record_says_what_may_be_done_and_the_server_agrees(client, tmp_path):
+    """``actions`` lists exactly the requests the server accepts in each state."""
+    job = client.run_async(jobfuncs.pausable_sleep, args=[300], gpu_memory=0.1)
+    wait_state(job, "running")  # it runs until paused
+    assert job.info()["actions"] == ["pause", "cancel"]
+    with pytest.raises(InvalidStateError, match="only a paused, timed-out or lost job"):
+        job.resume()
+    with pytest.raises(InvalidStateError, match="cancel it before deleting it"):
+        client.forget_job(job.id)
+
+    job.pause()
+    wait_state(job, "paused")
+    assert job.info()["actions"] == ["resume", "cancel", "delete"]
+    with pytest.raises(InvalidStateError, match="only a running job can pause"):
+        job.pause()
+
+    # Cancelling is a phase of a running job: nothing is left to ask for.
+    pidfile = str(tmp_path / "pid")
+    stubborn = client.run_async(jobfuncs.ignore_everything, args=[pidfile], gpu_memory=0.1)
+    wait_until(lambda: os.path.exists(pidfile), what="the stubborn job to start")
+    record = stubborn.cancel()
+    assert (record["state"], record["message"], record["actions"]) == ("running", "cancelling", [])
+    with pytest.raises(InvalidStateError):
+        stubborn.pause()
+    wait_state(stubborn, "cancelled")
+    assert stubborn.info()["actions"] == ["delete"]
+
+    job.cancel()
+    assert job.info()["actions"] == ["delete"]
+    client.forget_job(job.id)
+    client.forget_job(stubborn.id)
+    assert {j.id for j in client.jobs()}.isdisjoint({job.id, stubborn.id})
