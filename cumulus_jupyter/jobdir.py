@@ -35,10 +35,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .connection import TOKEN_ENV
 from .fileio import FILE_MODE, atomic_write_bytes, atomic_write_json, read_json
 
 # -- files ---------------------------------------------------------------------
@@ -69,7 +71,7 @@ PAUSE_AT_ENV = "CUMULUS_PAUSE_AT_STEP"
 SEED_ENV = "CUMULUS_VERIFY_SEED"
 #: Variables a job must not inherit from the server: the server's own token,
 #: and JupyterHub's API token under its current and its legacy name.
-SECRET_ENV = ("CUMULUS_TOKEN", "JUPYTER_TOKEN", "JPY_API_TOKEN", "JUPYTERHUB_API_TOKEN")
+SECRET_ENV = (TOKEN_ENV, "JUPYTER_TOKEN", "JPY_API_TOKEN", "JUPYTERHUB_API_TOKEN")
 
 # -- the process -----------------------------------------------------------------
 #: The module a run executes (``python -m``).
@@ -81,6 +83,28 @@ PAUSE_SIGNAL = signal.SIGUSR1
 def worker_command(python: str, job_dir: Path) -> list[str]:
     """The command line of one run of the job in ``job_dir``."""
     return [python, "-m", WORKER_MODULE, str(job_dir)]
+
+
+def start_worker(python: str, job_dir: Path, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    """Start one run of the job in ``job_dir``: the worker, in the directory, logging to it.
+
+    Its own session and process group: the job survives whoever started it,
+    and one ``killpg`` reaches its DataLoader workers too.
+    """
+    log = JobDir(job_dir).open_output()
+    try:
+        return subprocess.Popen(
+            worker_command(python, job_dir),
+            cwd=job_dir,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+    finally:
+        os.close(log)
 
 
 def job_environment(

@@ -10,9 +10,10 @@ everything the runs reported.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import subprocess
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import cloudpickle
 import torch
 
 from ..fileio import atomic_write_bytes, atomic_write_json
-from ..jobdir import PAUSE_AT_ENV, SEED_ENV, JobDir, job_environment, worker_command
+from ..jobdir import PAUSE_AT_ENV, SEED_ENV, JobDir, job_environment, start_worker
 from ..manifest import CheckpointIndex
 from ..metrics import RUN_FIELD
 from ..shipping import Shipment, write_modules
@@ -87,19 +88,14 @@ class _Run:
             self.runs,
             extra={PAUSE_AT_ENV: str(pause_at), SEED_ENV: str(_SEED)},
         )
-        log = self.files.open_output()
+        proc = start_worker(sys.executable, self.dir, env)
         try:
-            subprocess.run(
-                worker_command(sys.executable, self.dir),
-                cwd=self.dir,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=timeout,
-                check=False,
-            )
+            proc.wait(timeout)
         finally:
-            os.close(log)
+            if proc.returncode is None:  # timed out, or the caller was interrupted
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         state = self.files.read_state()
         raw = self.files.read_result()
         if raw is None:

@@ -12,13 +12,11 @@ from jupyter_server.extension.application import ExtensionApp
 from traitlets import Float, Integer, List, TraitError, Type, Unicode, default, validate
 
 from .._version import __version__
+from ..connection import TOKEN_ENV, URL_ENV
 from .backends import Backend, LocalBackend
 from .gpu import detect_gpus
 from .handlers import handlers
 from .manager import JobManager
-
-URL_ENV = "CUMULUS_SERVER_URL"
-TOKEN_ENV = "CUMULUS_TOKEN"
 
 
 class CumulusApp(ExtensionApp):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from ...jobdir import PAUSE_SIGNAL, JobDir, worker_command
+from ...jobdir import PAUSE_SIGNAL, start_worker
 from . import Backend, ProcessHandle
 
 # Two readings of one process's start time differ by rounding only.
@@ -24,22 +24,7 @@ class LocalBackend(Backend):
         self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     def start(self, job_dir: Path, python: str, env: dict[str, str]) -> ProcessHandle:
-        log_fd = JobDir(job_dir).open_output()
-        try:
-            proc = subprocess.Popen(
-                worker_command(python, job_dir),
-                cwd=job_dir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=subprocess.STDOUT,
-                # Own session and process group: the job survives the server,
-                # and one killpg reaches its DataLoader workers too.
-                start_new_session=True,
-                close_fds=True,
-            )
-        finally:
-            os.close(log_fd)
+        proc = start_worker(python, job_dir, env)
         self._children[proc.pid] = proc
         try:
             create_time = psutil.Process(proc.pid).create_time()
