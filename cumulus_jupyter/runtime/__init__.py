@@ -10,8 +10,8 @@ installed its pause handler, and a job that never touches a Checkpointer must
 not pay torch's import time for it.
 
 Modules: ``context`` (where the job is, should_pause), ``worker`` (one run),
-``checkpointer`` (Checkpointer; ``persist``, ``rng``, ``loop``, ``retention``
-are its parts), ``reporting`` (report), ``interrupt`` (save_on_interrupt),
+``checkpointer`` (Checkpointer; ``state``, ``persist``, ``rng``, ``loop``,
+``retention`` are its parts), ``reporting`` (report), ``interrupt`` (save_on_interrupt),
 ``verify`` (verify_resume, run from a kernel), ``cellrun`` (what %%cumulus ships).
 """
 

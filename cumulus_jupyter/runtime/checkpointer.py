@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
-import sys
 import threading
 import time
-import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, overload
 
 from ..jobdir import JobDir
 from ..manifest import CheckpointIndex
 from ..metrics import POSITION_FIELDS
-from . import context, persist
+from . import context
 from .context import job_dir, read_control
-from .loop import ResumePoint, capture_epoch_start, restore_epoch_start
-from .persist import CheckpointError, entry_hash, read_checkpoint, snapshot, write_checkpoint
+from .loop import ExactLoop
+from .persist import (
+    CheckpointError,
+    commit_checkpoint,
+    entry_at,
+    entry_hash,
+    read_checkpoint,
+    read_newest_good,
+    snapshot,
+)
 from .reporting import last_reported
 from .retention import Retention
-from .rng import capture_rng_state, restore_rng_state
+from .rng import restore_rng_state
+from .state import check_schedulers, saved_global_step, scheduler_list, training_state
 
 __all__ = ["CheckpointError", "Checkpointer", "checkpoint_dir", "list_checkpoints"]
 
@@ -114,6 +120,8 @@ class Checkpointer:
         # "checkpoint-e4-s299.pt" must not name the next save "...-s299-e5-s300.pt".
         self._stem = re.sub(r"-e\d+-s\d+$", "", Path(fname).stem) or "checkpoint"
         self._suffix = Path(fname).suffix or ".pt"
+        # The names this Checkpointer's saves get: retention prunes among these only.
+        self._series = re.compile(rf"{re.escape(self._stem)}-e\d+-s\d+{re.escape(self._suffix)}")
         self.retention = Retention(keep_last, keep_every, keep_best, best_metric, best_mode)
         self.blocking = blocking
         self.index = CheckpointIndex(checkpoint_dir())
@@ -122,11 +130,7 @@ class Checkpointer:
         self._pending: threading.Thread | None = None
         self._pending_error: BaseException | None = None
         self._staging: dict[str, Any] | None = None  # last async snapshot, reused
-        self._resume: ResumePoint | None = None
-        self._epoch_start: dict[str, Any] | None = None
-        # Batches loop() has yielded over all epochs (continued from a load);
-        # None until loop() starts, because only loop() can count them.
-        self._global_step: int | None = None
+        self._loop = ExactLoop()  # loop()'s position: what save() records, load() sets
         self.index.clean_stale_temporaries()
 
     # -- where -----------------------------------------------------------------
@@ -223,27 +227,14 @@ class Checkpointer:
         self.wait()  # one save in flight at most, and surface its error now
         blocking = self.blocking if blocking is None else blocking
         if global_step is None:
-            global_step = self._global_step
+            global_step = self._loop.global_step
         elif int(global_step) < 0:
             raise ValueError(f"global_step counts batches done: got {global_step}")
-        state: dict[str, Any] = {
-            "format": persist.FORMAT,
-            "version": 1,
-            "model": _state_dict(model),
-            "optimizer": _state_dict(optimizer),
-            "epoch": int(epoch),
-            "step": int(step),
-            "extra": extra,
-            "rng": capture_rng_state(),
-            "time": time.time(),
-            # None: saved outside loop() without global_step=; load() says what then.
-            "global_step": None if global_step is None else int(global_step),
-        }
-        schedulers = _schedulers(scheduler)
-        if schedulers is not None:
-            state["schedulers"] = [_state_dict(s) for s in schedulers]
-        if self._epoch_start is not None:
-            state["loop"] = {"epoch_start": self._epoch_start, "global_step": self._global_step}
+        state = training_state(
+            model, optimizer, epoch, step, extra, global_step=global_step, scheduler=scheduler
+        )
+        if (loop_state := self._loop.saved_state()) is not None:
+            state["loop"] = loop_state
         if metrics is None:
             metrics = last_reported()
         entry_metrics = {k: v for k, v in (metrics or {}).items() if k not in POSITION_FIELDS}
@@ -273,25 +264,7 @@ class Checkpointer:
     def _persist(
         self, state: dict[str, Any], name: str, final: Path, metrics: dict[str, Any]
     ) -> None:
-        size, content_hash = write_checkpoint(state, final)
-        entry = {
-            "name": name,
-            "file": final.name,
-            "epoch": state["epoch"],
-            "step": state["step"],
-            "time": state["time"],
-            "size": size,
-            "hash": content_hash,
-            "metrics": metrics,
-        }
-        try:
-            self.index.add(entry)
-        except OSError as e:  # listed or not at all: never a file the manifest lacks
-            final.unlink(missing_ok=True)
-            raise CheckpointError(
-                f"could not record checkpoint {final} in the manifest: {e.strerror or e}; "
-                "the previous checkpoints are unchanged"
-            ) from e
+        commit_checkpoint(self.index, state, name, final, metrics)
         self._apply_retention()
 
     def _persist_in_background(
@@ -306,14 +279,9 @@ class Checkpointer:
             self._pending_error = e
 
     def _apply_retention(self) -> None:
-        if not self.retention.active:
-            return
-        protected = {str(n) for n in [read_control().get("resume_checkpoint")] if n}
-        # Only this Checkpointer's own series: another fname has its own policy.
-        mine = re.compile(rf"{re.escape(self._stem)}-e\d+-s\d+{re.escape(self._suffix)}")
-        entries = [e for e in self.index.entries() if mine.fullmatch(e["name"])]
-        for name in self.retention.to_delete(entries, protected):
-            self.index.remove(name)
+        if self.retention.active:
+            protected = {str(n) for n in [read_control().get("resume_checkpoint")] if n}
+            self.retention.prune(self.index, self._series, protected)
 
     def wait(self) -> None:
         """Block until the last asynchronous save is durable; raise its error if it failed."""
@@ -362,26 +330,19 @@ class Checkpointer:
         if checkpoint is not None:
             entry = self.index.get(checkpoint)
             path = Path(entry["path"]) if entry else Path(checkpoint).expanduser()
-            entry = entry or self._entry_at(path)
+            entry = entry or entry_at(self.index, path)
             state = read_checkpoint(path, entry_hash(entry))
         elif (explicit := self._explicit_target()) is not None:
-            path, entry = explicit, self._entry_at(explicit)
+            path, entry = explicit, entry_at(self.index, explicit)
             state = read_checkpoint(path, entry_hash(entry))
         else:
-            path, entry, state = self._read_newest_good()
+            path, entry, state = read_newest_good(self.index)
         name = entry["name"] if entry else path.name
-        loop = state.get("loop") or {}
-        step = int(state.get("step", 0))
-        global_step = state.get("global_step")
-        if global_step is None:  # older checkpoints kept it in the loop's state only
-            global_step = loop.get("global_step")
-        if global_step is None:
-            global_step = step + 1
-        global_step = int(global_step)
-        schedulers = _schedulers(scheduler)
+        global_step = saved_global_step(state)
+        schedulers = scheduler_list(scheduler)
         saved_schedulers = state.get("schedulers")
         if schedulers is not None:  # checked first: a refused load changes nothing
-            _check_schedulers(name, schedulers, saved_schedulers, global_step)
+            check_schedulers(name, schedulers, saved_schedulers, global_step)
         # The state is memory-mapped from the file: load_state_dict copies the
         # model's tensors; the optimizer would keep references, so it gets a
         # copy (the file may be deleted by retention while training goes on).
@@ -394,15 +355,7 @@ class Checkpointer:
             for sched, saved in zip(schedulers, saved_schedulers or [], strict=True):
                 sched.load_state_dict(snapshot(saved))
         restore_rng_state(state.get("rng") or {})
-        self._resume = ResumePoint(
-            epoch=int(state.get("epoch", 0)),
-            step=step,
-            # The loop continues its own batch count, which an explicit
-            # global_step= (optimizer steps, say) may differ from.
-            global_step=int(loop.get("global_step", global_step)),
-            epoch_start=loop.get("epoch_start"),
-            rng=state.get("rng") or {},
-        )
+        self._loop.resume_after(state, global_step)
         return {
             "epoch": state.get("epoch", 0),
             "step": state.get("step", 0),
@@ -412,36 +365,6 @@ class Checkpointer:
             "name": name,
             "time": state.get("time"),
         }
-
-    def _entry_at(self, path: Path) -> dict[str, Any] | None:
-        """The manifest entry whose file is ``path``, if it is one of this job's."""
-        if path.parent != self.index.dir:
-            return None
-        return next((e for e in self.index.entries() if e["path"] == str(path)), None)
-
-    def _read_newest_good(self) -> tuple[Path, dict[str, Any], dict[str, Any]]:
-        entries = self.index.entries()
-        if not entries:
-            raise CheckpointError(
-                f"no checkpoint to load in {self.index.dir}; check exists() first"
-            )
-        failures = []
-        for entry in reversed(entries):
-            path = Path(entry["path"])
-            try:
-                state = read_checkpoint(path, entry_hash(entry))
-            except CheckpointError as e:
-                failures.append(str(e))
-                continue
-            if failures:
-                print(
-                    f"cumulus: {'; '.join(failures)}. Loaded the newest good checkpoint "
-                    f"instead: {entry['name']}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            return path, entry, state
-        raise CheckpointError("no checkpoint could be loaded: " + "; ".join(failures))
 
     # -- exact iteration ---------------------------------------------------------
 
@@ -480,99 +403,4 @@ class Checkpointer:
             for epoch, step, it, (x, y) in ckpt.loop(loader, 10, with_global_step=True):
                 lr = get_lr(it)  # nanoGPT's iter_num
         """
-        if getattr(loader, "persistent_workers", False):
-            warnings.warn(
-                "Checkpointer.loop cannot replay the RNG of persistent DataLoader workers: "
-                "set persistent_workers=False for an exact resume",
-                stacklevel=2,
-            )
-        resume, self._resume = self._resume, None
-        pause_at = context.pause_at_step()
-        epoch = 0
-        if resume is not None:
-            epoch = resume.epoch
-            self._global_step = resume.global_step
-            if resume.epoch_start is None:
-                warnings.warn(
-                    "the checkpoint was not saved inside Checkpointer.loop: the data order "
-                    "of the interrupted epoch cannot be replayed",
-                    stacklevel=2,
-                )
-        elif self._global_step is None:  # a second loop() goes on counting
-            self._global_step = 0
-        while epoch < epochs:
-            if resume is not None and resume.epoch_start is not None:
-                # Same generator states as at the epoch's start: same order, same
-                # worker seeds. Then skip what was done and put every RNG back
-                # as it was when the checkpoint was saved.
-                restore_epoch_start(loader, resume.epoch_start)
-                self._epoch_start = resume.epoch_start
-                batches = iter(loader)
-                first = resume.step + 1
-                for _ in itertools.islice(batches, first):
-                    pass
-                restore_rng_state(resume.rng)
-            else:
-                self._epoch_start = capture_epoch_start(loader)
-                batches = iter(loader)
-                first = resume.step + 1 if resume is not None else 0
-                if resume is not None:  # no replay possible: skip by count
-                    batches = itertools.islice(batches, first, None)
-            resume = None
-            for step, batch in enumerate(batches, first):
-                global_step = self._global_step
-                # Counted before the body runs: a save in it records this batch as done.
-                self._global_step = global_step + 1
-                if pause_at is not None and self._global_step >= pause_at:
-                    context.request_pause()
-                if with_global_step:
-                    yield epoch, step, global_step, batch
-                else:
-                    yield epoch, step, batch
-            epoch += 1
-        self._epoch_start = None
-
-
-def _schedulers(scheduler: Any) -> list[Any] | None:
-    """``scheduler=`` as a list: None, one scheduler, or a list/tuple of them."""
-    if scheduler is None:
-        return None
-    if isinstance(scheduler, Sequence) and not isinstance(scheduler, str):
-        found = list(scheduler)
-    else:
-        found = [scheduler]
-    for s in found:
-        if not (hasattr(s, "state_dict") and hasattr(s, "load_state_dict")):
-            raise TypeError(
-                f"cannot checkpoint a {type(s).__name__} as a scheduler: pass a "
-                "torch.optim.lr_scheduler scheduler (anything with state_dict() and "
-                "load_state_dict()), or a list of them"
-            )
-    return found
-
-
-def _check_schedulers(name: str, given: list[Any], saved: Any, global_step: int) -> None:
-    if saved is None:
-        raise CheckpointError(
-            f"checkpoint {name} holds no scheduler state: it was saved without scheduler= "
-            "(or by an older version). Restoring nothing would restart the schedule. "
-            "To go on from it, load it without scheduler= and bring the new scheduler to "
-            f"where it was (for a per-batch schedule, call scheduler.step() {global_step} times); "
-            "save with scheduler= from then on"
-        )
-    if len(saved) != len(given):
-        raise CheckpointError(
-            f"checkpoint {name} holds {len(saved)} scheduler state(s), but load() was given "
-            f"{len(given)}: pass the same schedulers, in the same order, as to save()"
-        )
-
-
-def _state_dict(obj: Any) -> Any:
-    if obj is None:
-        return None
-    if hasattr(obj, "state_dict"):
-        return obj.state_dict()
-    raise TypeError(
-        f"cannot checkpoint a {type(obj).__name__}: pass a torch module or optimizer "
-        "(anything with state_dict() and load_state_dict())"
-    )
+        yield from self._loop.iterate(loader, epochs, with_global_step=with_global_step)

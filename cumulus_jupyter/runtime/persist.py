@@ -1,4 +1,4 @@
-"""Checkpoint files on disk: atomic, durable, verified.
+"""Checkpoint files on disk: atomic, durable, listed, verified; finding the one to load.
 
 A save is two steps, so the slow one can run beside training:
 
@@ -7,9 +7,12 @@ A save is two steps, so the slow one can run beside training:
 2. *persist*: serialise to a temporary file in the same directory, fsync it,
    rename it into place, fsync the directory, then list it in the manifest.
 
-A crash, a kill or a full disk at any moment leaves the previous checkpoints
-intact and no partial file listed. Reads check the XXH3-128 hash recorded at
-save (or the SHA-256 of checkpoints listed before the switch to XXH3).
+:func:`commit_checkpoint` does step 2. A crash, a kill or a full disk at any
+moment leaves the previous checkpoints intact and no partial file listed.
+Reads check the XXH3-128 hash recorded at save (or the SHA-256 of checkpoints
+listed before the switch to XXH3).
+:func:`read_newest_good` falls back past corrupt files to the newest one that
+reads back.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,7 @@ from typing import Any
 import torch
 
 from ..fileio import FILE_MODE, fsync_dir
-from ..manifest import HASH, file_hash, hasher, temporary_path
+from ..manifest import HASH, CheckpointIndex, file_hash, hasher, temporary_path
 
 FORMAT = "cumulus-checkpoint"
 
@@ -193,3 +197,67 @@ def read_checkpoint(path: Path, expected_hash: str | None = None) -> dict[str, A
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a cumulus checkpoint")
     return state
+
+
+def entry_at(index: CheckpointIndex, path: Path) -> dict[str, Any] | None:
+    """The entry of ``index`` whose file is ``path``, if it is one of that index's."""
+    if path.parent != index.dir:
+        return None
+    return next((e for e in index.entries() if e["path"] == str(path)), None)
+
+
+def read_newest_good(index: CheckpointIndex) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """The newest checkpoint of ``index`` that reads back: its path, entry and state.
+
+    Corrupt newer ones are skipped, and said so on stderr; raises
+    :class:`CheckpointError` when there is none or none can be read.
+    """
+    entries = index.entries()
+    if not entries:
+        raise CheckpointError(f"no checkpoint to load in {index.dir}; check exists() first")
+    failures = []
+    for entry in reversed(entries):
+        path = Path(entry["path"])
+        try:
+            state = read_checkpoint(path, entry_hash(entry))
+        except CheckpointError as e:
+            failures.append(str(e))
+            continue
+        if failures:
+            print(
+                f"cumulus: {'; '.join(failures)}. Loaded the newest good checkpoint "
+                f"instead: {entry['name']}",
+                file=sys.stderr,
+                flush=True,
+            )
+        return path, entry, state
+    raise CheckpointError("no checkpoint could be loaded: " + "; ".join(failures))
+
+
+def commit_checkpoint(
+    index: CheckpointIndex, state: dict[str, Any], name: str, final: Path, metrics: dict[str, Any]
+) -> None:
+    """Write ``state`` at ``final`` and list it in ``index`` as ``name`` with ``metrics``.
+
+    Raises :class:`CheckpointError` if either step fails; the file is then
+    not left behind, and the previous checkpoints are unchanged.
+    """
+    size, content_hash = write_checkpoint(state, final)
+    entry = {
+        "name": name,
+        "file": final.name,
+        "epoch": state["epoch"],
+        "step": state["step"],
+        "time": state["time"],
+        "size": size,
+        "hash": content_hash,
+        "metrics": metrics,
+    }
+    try:
+        index.add(entry)
+    except OSError as e:  # listed or not at all: never a file the manifest lacks
+        final.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"could not record checkpoint {final} in the manifest: {e.strerror or e}; "
+            "the previous checkpoints are unchanged"
+        ) from e

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
+
+from ..manifest import CheckpointIndex
 
 
 @dataclass(frozen=True)
@@ -52,3 +55,12 @@ class Retention:
             )
             keep |= {e["name"] for e in scored[: self.keep_best]}
         return [e["name"] for e in entries if e["name"] not in keep]
+
+    def prune(self, index: CheckpointIndex, series: re.Pattern[str], protected: set[str]) -> None:
+        """Delete from ``index`` what the policy drops among the names ``series`` matches.
+
+        Only one Checkpointer's own series counts: another fname has its own policy.
+        """
+        entries = [e for e in index.entries() if series.fullmatch(e["name"])]
+        for name in self.to_delete(entries, protected):
+            index.remove(name)
