@@ -68,20 +68,11 @@ class JobManager:
     def load(self) -> None:
         """Rebuild the in-memory view from the job root and re-adopt live jobs."""
         for job_id in self.store.job_ids():
-            try:
-                job = JobRecord.from_json(self.store.read_record(job_id))
-            except (ValueError, TypeError) as e:
-                # Reported, not skipped: the user sees it and can delete it;
-                # its files stay as they are for inspection.
-                self.log.error("cumulus: job %s is damaged: %s", job_id, e)
-                created = 0.0
-                with contextlib.suppress(OSError):
-                    created = self.store.path(job_id).stat().st_mtime
-                self.jobs[job_id] = JobRecord.damaged_job(job_id, e, created)
-                continue
-            job.id = job_id
-            self.jobs[job_id] = job
-            if job.state in (JobState.RUNNING, JobState.PAUSING):
+            job = self.jobs[job_id] = self.store.read_job(job_id)
+            if job.damaged:
+                # Reported, not skipped: the user sees it and can delete it.
+                self.log.error("cumulus: job %s: %s", job_id, job.message)
+            elif job.state in (JobState.RUNNING, JobState.PAUSING):
                 handle = job.handle
                 if handle is not None and self.backend.adopt(handle):
                     self.ledger.take(job_id, job.device or "", job.gpu_memory)
@@ -123,20 +114,7 @@ class JobManager:
     async def submit(self, submission: Submission, owner: str = "") -> dict[str, Any]:
         """Store a checked submission (durably, off the event loop) and queue the job."""
         job_id = self.store.new_id()
-        now = time.time()
-        job = JobRecord(
-            id=job_id,
-            name=submission.name,
-            state=JobState.QUEUED,
-            gpu_memory=submission.gpu_memory,
-            python=submission.python,
-            python_version=submission.python_version,
-            owner=owner,
-            created=now,
-            duration=submission.duration,
-            queued_at=now,
-            message=_WAITING,
-        )
+        job = JobRecord.submitted(job_id, submission, owner, message=_WAITING)
         await asyncio.to_thread(
             self.store.create,
             job_id,

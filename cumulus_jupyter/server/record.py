@@ -8,12 +8,16 @@ is the one place that builds what ``GET jobs/{id}`` answers.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..spec import SpecError, parse_gpu_memory
 from ..states import ACTIVE, Action, JobState, actions
 from .backends import ProcessHandle
+
+if TYPE_CHECKING:
+    from .requests import Submission
 
 #: Fields a record read from disk must have, with their JSON types.
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
@@ -128,6 +132,24 @@ class JobRecord:
             values["message"] = ""
         extra = {k: v for k, v in data.items() if k not in known and k != "damaged"}
         return cls(**values, extra=extra)
+
+    @classmethod
+    def submitted(cls, job_id: str, submission: Submission, owner: str, message: str) -> JobRecord:
+        """The record of a job just submitted: queued, no run yet."""
+        now = time.time()
+        return cls(
+            id=job_id,
+            name=submission.name,
+            state=JobState.QUEUED,
+            gpu_memory=submission.gpu_memory,
+            python=submission.python,
+            python_version=submission.python_version,
+            owner=owner,
+            created=now,
+            duration=submission.duration,
+            queued_at=now,
+            message=message,
+        )
 
     @classmethod
     def damaged_job(cls, job_id: str, error: BaseException, created: float) -> JobRecord:

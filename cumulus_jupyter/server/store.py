@@ -20,6 +20,7 @@ from ..jobdir import JobDir
 from ..manifest import CheckpointIndex
 from ..metrics import newest_per_step, with_run
 from ..shipping import write_modules
+from .record import JobRecord
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 #: The most log bytes one read returns.
@@ -82,13 +83,26 @@ class JobStore:
         self.write_record(job_id, record, durable=True)
         return d.path
 
-    def read_record(self, job_id: str) -> Any:
-        """What ``job.json`` holds (checked by the caller); :class:`ValueError` if unreadable."""
+    def read_job(self, job_id: str) -> JobRecord:
+        """The job's record from ``job.json``.
+
+        One that cannot be read gives a *damaged* stand-in saying why (see
+        :meth:`JobRecord.damaged_job`): the job is listed, can be deleted, and
+        its files stay as they are for inspection.
+        """
         path = self.dir(job_id).record
-        data = read_json(path)
-        if data is None:
-            raise ValueError(f"{path} is missing")
-        return data
+        try:
+            data = read_json(path)
+            if data is None:
+                raise ValueError(f"{path} is missing")
+            job = JobRecord.from_json(data)
+        except (ValueError, TypeError) as e:
+            created = 0.0
+            with contextlib.suppress(OSError):
+                created = self.path(job_id).stat().st_mtime
+            return JobRecord.damaged_job(job_id, e, created)
+        job.id = job_id  # the directory's name is the id
+        return job
 
     def write_record(self, job_id: str, record: dict[str, Any], durable: bool = False) -> None:
         # Not fsynced: written on every state change from the event loop. After
