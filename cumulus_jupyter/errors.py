@@ -7,6 +7,8 @@ JobNotFoundError`` works on either side of the wire.
 
 from __future__ import annotations
 
+import json
+
 
 class CumulusError(Exception):
     """Base class of every error cumulus-jupyter raises on purpose."""
@@ -107,3 +109,17 @@ BY_CODE: dict[str, type[CumulusError]] = {
         JobStoppedError,
     )
 }
+
+
+def error_from_response(status: int, body: bytes) -> CumulusError:
+    """The error the server answered with ``status`` and ``body``, as its own class
+    again (by its ``error`` code, else by the status)."""
+    try:
+        answer = json.loads(body)
+        code, message = answer.get("error", ""), answer.get("message", "")
+    except (ValueError, AttributeError):
+        code, message = "", body[:500].decode("utf-8", "replace")
+    cls = BY_CODE.get(code)
+    if cls is None:
+        cls = next((c for c in BY_CODE.values() if c.status == status), CumulusError)
+    return cls(message or f"HTTP {status}")

@@ -188,6 +188,87 @@ def test_pause_resume_and_completion_from_the_panel(page, lab, client):
         expect(button(row, label)).to_be_disabled()
 
 
+def expect_enabled(locator, enabled):
+    if enabled:
+        expect(locator).to_be_enabled()
+    else:
+        expect(locator).to_be_disabled()
+
+
+def fake_job(job_id, state, actions):
+    """A record as the server sends it, for a job only the page is told about."""
+    return {
+        "id": job_id,
+        "name": job_id,
+        "owner": "someone",
+        "state": state,
+        "created": 0,
+        "gpu_memory": 0.5,
+        "duration": None,
+        "device": None,
+        "message": "",
+        "elapsed": 1.0,
+        "run": 1,
+        "cancel_requested": None,
+        "resume_checkpoint": None,
+        "actions": actions,
+    }
+
+
+FAKE_CHECKPOINTS = [
+    {"name": f"checkpoint-e0-s{s}.pt", "epoch": 0, "step": s, "time": s, "size": 10, "metrics": {}}
+    for s in (9, 19)
+]
+
+
+def test_the_panels_buttons_are_the_records_actions(page, lab):
+    # Records whose actions are not what their state alone would suggest: the
+    # panel must show what the server allows, not work it out again.
+    fakes = [
+        fake_job("fake-cancelling", "running", []),
+        fake_job("fake-unresumable", "paused", ["cancel", "delete"]),
+        fake_job("fake-resumable", "paused", ["resume", "cancel", "delete"]),
+    ]
+
+    def job_list(route):
+        response = route.fetch()
+        answer = response.json()
+        answer["jobs"] += fakes
+        route.fulfill(response=response, json=answer)
+
+    def fake_parts(route):
+        part = re.search(r"/jobs/fake-[^/]+/(\w+)", route.request.url).group(1)
+        route.fulfill(
+            json={
+                "metrics": {"metrics": [], "next": 0},
+                "checkpoints": {"checkpoints": FAKE_CHECKPOINTS},
+                "logs": {"offset": 0, "next_offset": 0, "size": 0, "data": "", "running": False},
+            }[part]
+        )
+
+    page.route(re.compile(r".*/cumulus/api/jobs(\?\d*)?$"), job_list)
+    page.route(re.compile(r".*/cumulus/api/jobs/fake-.*"), fake_parts)
+    open_lab(page, lab)
+    open_panel(page)
+    older, newest = (c["name"] for c in FAKE_CHECKPOINTS)
+    for job in fakes:
+        row = job_row(page, job["id"])
+        expect(row).to_have_attribute("data-state", job["state"])
+        for label in ("Pause", "Resume", "Cancel"):
+            expect_enabled(button(row, label), label.lower() in job["actions"])
+        if job["state"] != "paused":
+            continue
+        row.locator(".jp-CumulusJob-summary").click()
+        resumable = "resume" in job["actions"]
+        for name in (older, newest):
+            checkpoint = row.locator(f'li[data-checkpoint="{name}"]')
+            resume = checkpoint.locator("button", has_text=re.compile("^Resume$"))
+            expect_enabled(resume, resumable)
+            # The newest checkpoint of a job that can resume cannot be deleted.
+            delete = checkpoint.locator("button", has_text="Delete")
+            expect_enabled(delete, not (resumable and name == newest))
+
+
 def paused_job_with_checkpoints(client, lab, name, count=3):
     """A job paused through the SDK after it saved at least ``count`` checkpoints."""
     job, _ = start_training(client, lab, name)

@@ -21,6 +21,64 @@ def buttons(w):
     )
 
 
+class StubJob:
+    """A Job whose server always answers with ``record``: no log, no metrics."""
+
+    def __init__(self, record, checkpoints=()):
+        self.id, self.name, self.record = record["id"], record["name"], record
+        self.client = self
+        self.checkpoints = list(checkpoints)
+
+    def info(self):
+        return self.record
+
+    def get_checkpoints(self):
+        return self.checkpoints
+
+    def metrics(self):
+        return []
+
+    def get_logs(self, job_id, offset=0):
+        return {"data": "", "next_offset": 0, "size": 0, "running": False}
+
+    def metrics_page(self, job_id, since=0):
+        return {"metrics": [], "next": 0}
+
+
+ACTIONS = ("pause", "resume", "cancel")
+SUBSETS = [[a for i, a in enumerate(ACTIONS) if mask >> i & 1] for mask in range(8)]
+
+
+@pytest.mark.parametrize("state", ["running", "paused", "completed"])
+@pytest.mark.parametrize("actions", SUBSETS, ids=lambda a: "+".join(a) or "none")
+def test_the_buttons_are_the_records_actions_whatever_the_state(state, actions):
+    # A cancelling job is running with no actions; the widget must not guess.
+    w = JobWidget(StubJob({"id": "stub", "name": "stub", "state": state, "actions": actions}))
+    try:
+        assert buttons(w) == tuple(a in actions for a in ACTIONS)
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("resumable", [True, False])
+def test_the_checkpoint_browser_follows_the_records_actions(resumable):
+    actions = ["resume", "cancel", "delete"] if resumable else ["cancel", "delete"]
+    checkpoints = [
+        {"name": f"checkpoint-e0-s{s}.pt", "epoch": 0, "step": s, "time": s, "size": 10}
+        for s in (9, 19)
+    ]
+    record = {"id": "stub", "name": "stub", "state": "paused", "actions": actions}
+    browser = CheckpointBrowser(StubJob(record, checkpoints))
+    older, newest = (c["name"] for c in checkpoints)
+    browser.select.value = newest
+    assert browser.resume_button.disabled is not resumable
+    # The newest checkpoint of a job that can resume is the one it needs.
+    assert browser.delete_button.disabled is resumable
+    browser.select.value = older
+    assert browser.resume_button.disabled is not resumable
+    assert not browser.delete_button.disabled
+
+
 @pytest.fixture
 def training(client):
     job = client.run_async(

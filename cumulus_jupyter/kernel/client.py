@@ -1,8 +1,10 @@
 """The client SDK: ``CumulusClient`` and ``Job``.
 
 Works from any Python process that can reach the server: a notebook kernel
-(no arguments needed there), a script, another machine. Only the standard
-library and cloudpickle are used on this side.
+(no arguments needed there), a script, another machine. It speaks HTTP with
+the standard library and pickles calls with cloudpickle (``payload``); it
+imports neither IPython nor ipywidgets. In a notebook a ``Job`` shows as its
+widget: ``cumulus_jupyter.kernel`` registers that display, not this module.
 """
 
 from __future__ import annotations
@@ -21,19 +23,18 @@ from typing import Any
 
 import cloudpickle
 
+from ..connection import TOKEN_ENV, URL_ENV
 from ..errors import (
-    BY_CODE,
     BadRequestError,
     CumulusError,
     JobFailedError,
     JobStoppedError,
+    error_from_response,
 )
-from ..spec import format_duration, python_version
+from ..spec import python_version
+from .display import format_age, job_summary
 from .payload import ship_call
 
-URL_ENV = "CUMULUS_SERVER_URL"
-TOKEN_ENV = "CUMULUS_TOKEN"
-_ACTIVE = ("queued", "running", "pausing")
 _LONG_POLL = 30.0
 
 
@@ -96,7 +97,7 @@ class CumulusClient:
             with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
                 return resp.status, dict(resp.headers), resp.read()
         except urllib.error.HTTPError as e:
-            raise _error_from_response(e.code, e.read()) from None
+            raise error_from_response(e.code, e.read()) from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise ServerUnavailableError(
@@ -222,6 +223,15 @@ class CumulusClient:
         again shows once). ``run=N`` gives that run's records as written;
         ``all_runs=True`` every record of every run, each with its ``run``.
         """
+        return self.metrics_page(job_id, since, run, all_runs)["metrics"]
+
+    def metrics_page(
+        self, job_id: str, since: int = 0, run: int | None = None, all_runs: bool = False
+    ) -> dict[str, Any]:
+        """One page of :meth:`get_metrics`: ``{'metrics': [...], 'next': N, ...}``.
+
+        Pass ``next`` as ``since`` to get only what was recorded after this page.
+        """
         params: dict[str, Any] = {}
         if since:
             params["since"] = since
@@ -230,7 +240,7 @@ class CumulusClient:
         if all_runs:
             params["all"] = "true"
         path = f"jobs/{_quote(job_id)}/metrics"
-        return self._json("GET", path, params=params or None)["metrics"]
+        return self._json("GET", path, params=params or None)
 
     def get_logs(self, job_id: str, offset: int = 0, wait: float = 0.0) -> dict[str, Any]:
         """Log text from byte ``offset``: ``{'data', 'next_offset', 'running', ...}``."""
@@ -247,39 +257,45 @@ class CumulusClient:
 
 
 class Job:
-    """A job on the server. Methods talk to the server; nothing is cached but ``id``."""
+    """A job on the server.
+
+    Its methods ask the server. The record last received (with this ``Job``,
+    or by the last method that returned one) is kept as :attr:`record`:
+    ``name``, the repr and a widget's first drawing read it without asking.
+    """
 
     def __init__(self, client: CumulusClient, record: dict[str, Any]):
         self.client = client
         self.id: str = record["id"]
-        self._record = record
+        self._receive(record)
 
     @property
-    def _record(self) -> dict[str, Any]:
-        """The record as last received from the server (see ``_seen``)."""
-        return self.__record
+    def record(self) -> dict[str, Any]:
+        """The job's record as last received from the server (:meth:`info` fetches it anew)."""
+        return self._record
 
-    @_record.setter
-    def _record(self, record: dict[str, Any]) -> None:
-        self.__record = record
+    def _receive(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Keep ``record`` as the newest one received, and when it came (for the repr)."""
+        self._record = record
         self._seen = time.monotonic()
+        return record
 
     def __repr__(self) -> str:
         # A repr must not call the server (it is shown in tracebacks, also
         # when the server is down), so it says how old the state it shows is.
         r = self._record
         age = time.monotonic() - self._seen
-        seen = f" as of {_format_age(age)} ago; status() refreshes" if age >= 1 else ""
+        seen = f" as of {format_age(age)} ago; status() refreshes" if age >= 1 else ""
         return f"<Job {self.id} {r.get('name')!r} {r.get('state')}{seen}>"
 
     @property
     def name(self) -> str:
+        """The job's name."""
         return self._record.get("name", "")
 
     def info(self) -> dict[str, Any]:
         """The job's full record from the server (state, times, device, runs, ...)."""
-        self._record = self.client._job_record(self.id)
-        return self._record
+        return self._receive(self.client._job_record(self.id))
 
     def status(self) -> str:
         """The job's state: queued, running, pausing, paused, completed, failed, ..."""
@@ -287,20 +303,17 @@ class Job:
 
     def pause(self) -> dict[str, Any]:
         """Ask the job to checkpoint and stop at its next batch boundary."""
-        self._record = self.client.pause_job(self.id)
-        return self._record
+        return self._receive(self.client.pause_job(self.id))
 
     def resume(
         self, checkpoint: str | None = None, duration: float | str | None = None
     ) -> dict[str, Any]:
         """Continue the job from ``checkpoint`` (a name from get_checkpoints) or the latest."""
-        self._record = self.client.resume_job(self.id, checkpoint, duration)
-        return self._record
+        return self._receive(self.client.resume_job(self.id, checkpoint, duration))
 
     def cancel(self) -> dict[str, Any]:
         """Stop the job for good."""
-        self._record = self.client.cancel_job(self.id)
-        return self._record
+        return self._receive(self.client.cancel_job(self.id))
 
     def get_checkpoints(self) -> list[dict[str, Any]]:
         """The job's checkpoints, oldest first."""
@@ -343,7 +356,7 @@ class Job:
             )
             if status != 202:
                 return raw
-            self._record = json.loads(raw)
+            self._receive(json.loads(raw))
 
     def wait(self, timeout: float | None = None) -> str:
         """Block until the job stops running (paused, finished, ...); return its state."""
@@ -377,54 +390,17 @@ class Job:
         )
 
     def _ipython_display_(self) -> None:
-        """In a notebook a Job shows as its live widget; elsewhere as a text summary."""
-        from IPython.display import display
-
-        from .magics import _in_kernel
-
-        if _in_kernel():
-            from .widgets import JobWidget
-
-            display(JobWidget(self))
-        else:
-            print(self.summary())
+        """IPython shows a Job as its text summary; a notebook kernel shows its widget
+        instead (``cumulus_jupyter.kernel`` registers it there, ahead of this method)."""
+        print(self.summary())
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(self.summary())
 
     def summary(self) -> str:
         """A one-line text description from the server's current record."""
-        r = self.info()
-        elapsed = r.get("elapsed")
-        return (
-            f"Job {self.id} {r.get('name')!r}: {r.get('state')}"
-            f" | elapsed {format_duration(elapsed) if elapsed is not None else '-'}"
-            f" of {format_duration(r.get('duration'))}"
-            f" | GPU share {r.get('gpu_memory')}"
-            + (f" | {r['message']}" if r.get("message") else "")
-        )
+        return job_summary(self.info())
 
 
 def _quote(part: str) -> str:
     return urllib.parse.quote(str(part), safe="")
-
-
-def _error_from_response(status: int, raw: bytes) -> CumulusError:
-    try:
-        body = json.loads(raw)
-        code, message = body.get("error", ""), body.get("message", "")
-    except (ValueError, AttributeError):
-        code, message = "", raw[:500].decode("utf-8", "replace")
-    cls = BY_CODE.get(code)
-    if cls is None:
-        cls = next((c for c in BY_CODE.values() if c.status == status), CumulusError)
-    err = cls(message or f"HTTP {status}")
-    return err
-
-
-def _format_age(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    if seconds < 3600:
-        return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
-    return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"

@@ -11,7 +11,6 @@ import time
 import traceback
 from typing import Any
 
-import cloudpickle
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
@@ -21,7 +20,10 @@ from ..errors import CumulusError
 from ..runtime.cellrun import run_cell
 from ..spec import SpecError, parse_duration, parse_gpu_memory
 from .client import CumulusClient, Job
+from .display import CHECKPOINT_HEADER, JobTable, checkpoint_rows, in_kernel
 from .logstream import LineAssembler, render
+from .payload import first_unpicklable
+from .widgets import CheckpointBrowser, JobWidget
 
 _SUBCOMMANDS = ("jobs", "attach", "pause", "resume", "cancel", "logs", "checkpoints")
 _UPDATE_EVERY = 0.1  # seconds between redraws of a progress line
@@ -38,7 +40,7 @@ class LiveOutput:
 
     def __init__(self) -> None:
         self.lines = LineAssembler()
-        self._in_kernel = _in_kernel()
+        self._in_kernel = in_kernel()
         self._drawing = False  # a line being redrawn is on screen
         self._handle: Any = None
         self._shown = ""
@@ -73,67 +75,6 @@ class LiveOutput:
                 self._handle.update({"text/plain": text}, raw=True)
                 self._shown, self._last_update = text, now
         self._drawing = not final
-
-
-def _in_kernel() -> bool:
-    ip = _ipython()
-    return ip is not None and getattr(ip, "kernel", None) is not None
-
-
-def _ipython() -> Any:
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return None
-    return get_ipython()
-
-
-class JobTable:
-    """A table of jobs: HTML in a notebook, aligned text elsewhere."""
-
-    columns = ("id", "name", "state", "elapsed", "duration", "gpu_memory", "device")
-
-    def __init__(self, records: list[dict[str, Any]]):
-        self.records = records
-
-    def _cells(self, r: dict[str, Any]) -> list[str]:
-        from ..spec import format_duration
-
-        elapsed = r.get("elapsed")
-        return [
-            str(r.get("id")),
-            str(r.get("name")),
-            str(r.get("state")),
-            format_duration(elapsed) if elapsed is not None else "-",
-            format_duration(r.get("duration")),
-            str(r.get("gpu_memory")),
-            str(r.get("device") or "-"),
-        ]
-
-    def __repr__(self) -> str:
-        if not self.records:
-            return "no jobs"
-        rows = [list(self.columns)] + [self._cells(r) for r in self.records]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(self.columns))]
-        return "\n".join(
-            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
-        )
-
-    def _repr_html_(self) -> str:
-        import html
-
-        from .widgets import STATE_COLORS
-
-        head = "".join(f"<th>{c}</th>" for c in self.columns)
-        body = []
-        for r in self.records:
-            cells = [html.escape(c) for c in self._cells(r)]
-            color = STATE_COLORS.get(str(r.get("state")), "#555")
-            cells[2] = f'<b style="color:{color}">{cells[2]}</b>'
-            body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-        if not body:
-            return "<i>no jobs</i>"
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 @magics_class
@@ -252,22 +193,18 @@ class CumulusMagics(Magics):
     def _capture(self, names: set[str]) -> dict[str, Any]:
         user_ns = self.shell.user_ns
         hidden = getattr(self.shell, "user_ns_hidden", {})
-        namespace = {}
-        for name in sorted(names):
-            if name in user_ns and name not in hidden and not name.startswith("__"):
-                namespace[name] = user_ns[name]
-        try:
-            cloudpickle.dumps(namespace)
-        except Exception:
-            for name, value in namespace.items():
-                try:
-                    cloudpickle.dumps(value)
-                except Exception as e:
-                    raise UsageError(
-                        f"the cell reads {name!r}, a {type(value).__name__}, which cannot be "
-                        f"sent to the job ({e}); create it inside the cell instead"
-                    ) from None
-            raise
+        namespace = {
+            name: user_ns[name]
+            for name in sorted(names)
+            if name in user_ns and name not in hidden and not name.startswith("__")
+        }
+        found = first_unpicklable(namespace.items())
+        if found is not None:
+            name, value, e = found
+            raise UsageError(
+                f"the cell reads {name!r}, a {type(value).__name__}, which cannot be "
+                f"sent to the job ({e}); create it inside the cell instead"
+            )
         return namespace
 
     def _follow(self, job: Job) -> Any:
@@ -302,7 +239,7 @@ class CumulusMagics(Magics):
             )
         command, rest = words[0], words[1:]
         if command == "jobs":
-            display(JobTable([j._record for j in self.client.jobs()]))
+            display(JobTable([j.record for j in self.client.jobs()]))
             return None
         if not rest:
             raise UsageError(f"%cumulus {command} needs a job id (see %cumulus jobs)")
@@ -316,11 +253,7 @@ class CumulusMagics(Magics):
         client = self.client
         if command == "attach":
             job = client.get_job(job_id)
-            if _in_kernel():
-                from .widgets import JobWidget
-
-                return JobWidget(job)
-            return job
+            return JobWidget(job) if in_kernel() else job
         if command == "pause":
             print(f"job {job_id}: {client.pause_job(job_id)['state']}")
         elif command == "resume":
@@ -332,12 +265,11 @@ class CumulusMagics(Magics):
             print(render(client.get_job(job_id).logs()), end="")
         elif command == "checkpoints":
             job = client.get_job(job_id)
-            if _in_kernel():
-                from .widgets import CheckpointBrowser
-
+            if in_kernel():
                 return CheckpointBrowser(job)
-            for c in job.get_checkpoints():
-                print(f"{c['name']:<32} epoch {c['epoch']:<4} step {c['step']:<7} {c['size']} B")
+            print(CHECKPOINT_HEADER)
+            for row, _ in checkpoint_rows(job.get_checkpoints(), job.metrics()):
+                print(row)
         return None
 
 

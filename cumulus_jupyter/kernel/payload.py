@@ -9,14 +9,16 @@ from __future__ import annotations
 import os
 import sys
 import sysconfig
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import cloudpickle
 
 from ..errors import BadRequestError
 from ..runtime.cellrun import run_cell
 from ..shipping import Shipment, imported_by_source, ship
+
+K = TypeVar("K")
 
 
 def installed_module(module_name: str) -> bool:
@@ -63,33 +65,47 @@ def ship_call(
         ) from e
 
 
+def first_unpicklable(named: Iterable[tuple[K, Any]]) -> tuple[K, Any, Exception] | None:
+    """The first ``(key, value)`` whose value cloudpickle cannot pickle, with the error;
+    ``None`` when every value pickles."""
+    for key, value in named:
+        try:
+            cloudpickle.dumps(value)
+        except Exception as e:
+            return key, value, e
+    return None
+
+
 def find_unpicklable(
     func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> str:
-    def fails(obj: Any) -> bool:
-        try:
-            cloudpickle.dumps(obj)
-        except Exception:
-            return True
-        return False
+    """Name the part of the call ``func(*args, **kwargs)`` that cannot be pickled: an
+    argument, a global the function reads or a variable it captures, else the function."""
+    found = first_unpicklable(_parts_of_call(func, args, kwargs))
+    if found is None:
+        return f"the function {getattr(func, '__qualname__', func)!r}"
+    (what, where), value, _ = found
+    return f"{what} ({type(value).__name__}){where}"
 
+
+def _parts_of_call(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Iterator[tuple[tuple[str, str], Any]]:
+    """``((what, where), value)`` for each value the pickled call holds."""
     for i, arg in enumerate(args):
-        if fails(arg):
-            return f"argument {i} ({type(arg).__name__})"
+        yield (f"argument {i}", ""), arg
     for key, value in kwargs.items():
-        if fails(value):
-            return f"keyword argument {key!r} ({type(value).__name__})"
+        yield (f"keyword argument {key!r}", ""), value
     code = getattr(func, "__code__", None)
-    if code is not None:
-        glb = getattr(func, "__globals__", {})
-        for name in code.co_names:
-            if name in glb and fails(glb[name]):
-                return f"global {name!r} ({type(glb[name]).__name__}) used by {func.__name__}"
-        for name, cell in zip(code.co_freevars, func.__closure__ or (), strict=False):
-            try:
-                value = cell.cell_contents
-            except ValueError:
-                continue
-            if fails(value):
-                return f"variable {name!r} ({type(value).__name__}) captured by {func.__name__}"
-    return f"the function {getattr(func, '__qualname__', func)!r}"
+    if code is None:
+        return
+    glb = getattr(func, "__globals__", {})
+    for name in code.co_names:
+        if name in glb:
+            yield (f"global {name!r}", f" used by {func.__name__}"), glb[name]
+    for name, cell in zip(code.co_freevars, func.__closure__ or (), strict=False):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell: the variable is not assigned yet
+            continue
+        yield (f"variable {name!r}", f" captured by {func.__name__}"), value

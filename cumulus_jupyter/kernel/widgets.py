@@ -1,10 +1,16 @@
 """ipywidgets for jobs: ``JobWidget`` (state, controls, live log, progress, chart)
 and ``CheckpointBrowser`` (browse, resume from and delete checkpoints).
 
-Every widget is refreshed by one shared background thread that talks to the
-server, so the kernel is never blocked and a notebook full of widgets costs
-one thread. A widget leaves the thread when it is closed or its job ends; the
-thread exits when no widget is left.
+Pause, Resume, Cancel and Resume-from-here are enabled exactly when their
+action is in the job record's ``actions`` (what the server allows now, see
+:func:`cumulus_jupyter.states.actions`); a checkpoint's Delete is, except on
+the newest checkpoint of a job that can resume. What the widgets show is
+drawn by :mod:`.display`.
+
+Every ``JobWidget`` is refreshed by one shared background thread that talks
+to the server, so the kernel is never blocked and a notebook full of widgets
+costs one thread. A widget leaves the thread when it is closed or its job
+ends; the thread exits when no widget is left.
 """
 
 from __future__ import annotations
@@ -19,30 +25,19 @@ from typing import Any
 import ipywidgets as w
 
 from ..errors import CumulusError
-from ..metrics import StepMerger
-from ..spec import format_duration
-from .client import Job, _quote
+from ..metrics import POSITION_FIELDS, StepMerger
+from ..states import RESUMABLE, TERMINAL, Action, JobState
+from .client import CumulusClient, Job
+from .display import (
+    CHECKPOINT_HEADER,
+    checkpoint_rows,
+    error_html,
+    job_header_html,
+    job_summary,
+    svg_chart,
+)
 from .logstream import LineAssembler
 
-STATE_COLORS = {
-    "queued": "#6c757d",
-    "running": "#1565c0",
-    "pausing": "#ef6c00",
-    "paused": "#b8860b",
-    "completed": "#2e7d32",
-    "failed": "#c62828",
-    "cancelled": "#616161",
-    "timed_out": "#6a1b9a",
-    "lost": "#8d6e63",
-}
-#: Which buttons a state allows.
-LEGAL = {
-    "pause": {"running"},
-    "resume": {"paused", "timed_out", "lost"},
-    "cancel": {"queued", "running", "pausing", "paused", "timed_out", "lost"},
-}
-TERMINAL = {"completed", "failed", "cancelled"}
-_NOT_PLOTTED = {"step", "total", "time", "epoch", "run"}
 #: Steps a chart holds at most; past it every other one is dropped (the shape stays).
 _MAX_POINTS = 2000
 _MAX_LOG_BYTES = 256 * 1024  # read per refresh at most; older output is skipped
@@ -115,6 +110,11 @@ def _button(description: str, icon: str, style: str) -> w.Button:
     )
 
 
+def _allows(record: dict[str, Any], action: Action) -> bool:
+    """Whether the record's ``actions`` (what the server allows now) hold ``action``."""
+    return action.value in record.get("actions", ())
+
+
 class JobWidget(w.VBox, _Polled):
     """A job at a glance: state, elapsed time, GPU share, Pause/Resume/Cancel,
     a progress bar and a metric chart fed by ``report()``, and the live log.
@@ -135,9 +135,9 @@ class JobWidget(w.VBox, _Polled):
         self.chart = w.HTML()
         self.log_view = w.HTML()
         self.message = w.HTML()
-        self.pause_button.on_click(lambda _: self._act("pause"))
-        self.resume_button.on_click(lambda _: self._act("resume"))
-        self.cancel_button.on_click(lambda _: self._act("cancel"))
+        self.pause_button.on_click(lambda _: self._act(Action.PAUSE))
+        self.resume_button.on_click(lambda _: self._act(Action.RESUME))
+        self.cancel_button.on_click(lambda _: self._act(Action.CANCEL))
         super().__init__(
             [
                 self.header,
@@ -148,7 +148,7 @@ class JobWidget(w.VBox, _Polled):
             ],
             layout=w.Layout(border="1px solid #ddd", padding="6px"),
         )
-        self.record: dict[str, Any] = dict(job._record)
+        self.record: dict[str, Any] = dict(job.record)
         self._lines: deque[str] = deque(maxlen=log_lines)
         self._assembler = LineAssembler()
         self._partial = ""
@@ -159,13 +159,14 @@ class JobWidget(w.VBox, _Polled):
         self._metrics = StepMerger(max_steps=_MAX_POINTS, keep_unplaced=False)
         self._refresh_lock = threading.Lock()
         self.refresh()
-        if self.record.get("state") not in TERMINAL:
+        if self.state not in TERMINAL:
             POLLER.add(self)
 
     # -- data ------------------------------------------------------------------
 
     @property
     def state(self) -> str:
+        """The job's state as last drawn."""
         return str(self.record.get("state"))
 
     @property
@@ -179,9 +180,7 @@ class JobWidget(w.VBox, _Polled):
             client = self.job.client
             record = self.job.info()
             self._read_log(client)
-            page = client._json(
-                "GET", f"jobs/{_quote(self.job.id)}/metrics", params={"since": self._metrics_next}
-            )
+            page = client.metrics_page(self.job.id, since=self._metrics_next)
             self._metrics_next = page["next"]
             self._metrics.extend(page["metrics"])
             self._draw(record)
@@ -189,16 +188,14 @@ class JobWidget(w.VBox, _Polled):
     def poll(self) -> bool:
         try:
             self.refresh()
-        except CumulusError as e:
-            self.message.value = _error_html(e)
-        except OSError as e:
-            self.message.value = _error_html(e)
+        except (CumulusError, OSError) as e:
+            self.message.value = error_html(e)
         # Paused jobs change only when someone resumes them: look less often.
-        slow = self.state in LEGAL["resume"]
+        slow = self.state in RESUMABLE
         self._next_poll = time.monotonic() + self.poll_interval * (5 if slow else 1)
         return self.state not in TERMINAL
 
-    def _read_log(self, client: Any) -> None:
+    def _read_log(self, client: CumulusClient) -> None:
         for _ in range(4):
             part = client.get_logs(self.job.id, self._log_offset)
             if part["size"] - self._log_offset > _MAX_LOG_BYTES and self._log_offset == 0:
@@ -222,7 +219,7 @@ class JobWidget(w.VBox, _Polled):
         for m in self._metrics.records():
             x = m["step"]  # records() holds only records with a numeric step here
             for key, value in m.items():
-                if key not in _NOT_PLOTTED and isinstance(value, int | float):
+                if key not in POSITION_FIELDS and isinstance(value, int | float):
                     out.setdefault(key, []).append((float(x), float(value)))
         return out
 
@@ -230,29 +227,10 @@ class JobWidget(w.VBox, _Polled):
 
     def _draw(self, r: dict[str, Any]) -> None:
         state = str(r.get("state"))
-        color = STATE_COLORS.get(state, "#555")
-        elapsed = r.get("elapsed")
-        elapsed_text = format_duration(elapsed) if elapsed is not None else "-"
-        self.header.value = (
-            f'<div style="font-family:var(--jp-ui-font-family, sans-serif)">'
-            f"<b>{html.escape(str(r.get('name')))}</b> "
-            f'<code style="color:#777">{html.escape(self.job.id)}</code> '
-            f'<span style="background:{color};color:white;border-radius:3px;padding:1px 6px">'
-            f"{state}</span> &nbsp; elapsed {elapsed_text} / {format_duration(r.get('duration'))}"
-            f" &nbsp; GPU share {r.get('gpu_memory')}"
-            + _device_text(r.get("device"))
-            + (
-                f'<br><span style="color:#555">{html.escape(str(r["message"]))}</span>'
-                if r.get("message") and r.get("message") != state
-                else ""
-            )
-            + "</div>"
-        )
-        self.pause_button.disabled = state not in LEGAL["pause"] or bool(r.get("cancel_requested"))
-        self.resume_button.disabled = state not in LEGAL["resume"]
-        self.cancel_button.disabled = state not in LEGAL["cancel"] or bool(
-            r.get("cancel_requested")
-        )
+        self.header.value = job_header_html(r)
+        self.pause_button.disabled = not _allows(r, Action.PAUSE)
+        self.resume_button.disabled = not _allows(r, Action.RESUME)
+        self.cancel_button.disabled = not _allows(r, Action.CANCEL)
         # The newest run's latest step, not the highest step any run reached:
         # right after a resume, the steps past its checkpoint are to do again.
         latest = self._metrics.latest()
@@ -260,10 +238,11 @@ class JobWidget(w.VBox, _Polled):
         if isinstance(step, int | float) and isinstance(total, int | float) and total > 0:
             self.progress.value = min(1.0, (step + 1) / total)
             self.progress_label.value = f"step {int(step) + 1} / {int(total)}"
-        if state == "completed":
+        if state == JobState.COMPLETED:
             self.progress.value = 1.0
-        self.progress.bar_style = {"completed": "success", "failed": "danger"}.get(state, "info")
-        self.chart.value = _svg_chart(self.series)
+        styles: dict[str, str] = {JobState.COMPLETED: "success", JobState.FAILED: "danger"}
+        self.progress.bar_style = styles.get(state, "info")
+        self.chart.value = svg_chart(self.series)
         text = html.escape(self.log_text) or "<i>no output yet</i>"
         self.log_view.value = (
             '<pre style="max-height:14em;overflow:auto;background:#f7f7f7;margin:0;'
@@ -273,12 +252,12 @@ class JobWidget(w.VBox, _Polled):
         # Last: whoever reads .state sees a widget already drawn for it.
         self.record = r
 
-    def _act(self, action: str) -> None:
+    def _act(self, action: Action) -> None:
         try:
-            getattr(self.job, action)()
+            getattr(self.job, action.value)()
             self.message.value = ""
         except CumulusError as e:
-            self.message.value = _error_html(e)
+            self.message.value = error_html(e)
         with contextlib.suppress(CumulusError, OSError):
             self.refresh()
         if self.state not in TERMINAL:
@@ -291,13 +270,7 @@ class JobWidget(w.VBox, _Polled):
 
     def __repr__(self) -> str:
         # The text/plain form, for frontends without widgets.
-        r = self.record
-        elapsed = r.get("elapsed")
-        return (
-            f"Job {self.job.id} {r.get('name')!r}: {self.state}"
-            f" | elapsed {format_duration(elapsed) if elapsed is not None else '-'}"
-            f" of {format_duration(r.get('duration'))} | GPU share {r.get('gpu_memory')}"
-        )
+        return job_summary(self.record)
 
 
 class CheckpointBrowser(w.VBox):
@@ -317,7 +290,7 @@ class CheckpointBrowser(w.VBox):
         self.refresh_button.on_click(lambda _: self.refresh())
         self.select.observe(lambda _: self._enable(), names="value")
         self.checkpoints: list[dict[str, Any]] = []
-        self.state = ""
+        self.record: dict[str, Any] = dict(job.record)
         super().__init__(
             [
                 w.HTML("<style>.cumulus-checkpoints select{font-family:monospace}</style>"),
@@ -330,17 +303,16 @@ class CheckpointBrowser(w.VBox):
         )
         self.refresh()
 
+    @property
+    def state(self) -> str:
+        """The job's state at the last refresh."""
+        return str(self.record.get("state"))
+
     def refresh(self) -> None:
-        """Reload the checkpoints, the job's state and its metrics."""
-        self.state = self.job.status()
+        """Reload the job's record, its checkpoints and its metrics."""
+        self.record = self.job.info()
         self.checkpoints = self.job.get_checkpoints()
-        metrics = self.job.metrics()
-        latest = self.checkpoints[-1]["name"] if self.checkpoints else None
-        options = []
-        for c in reversed(self.checkpoints):
-            options.append(
-                (_checkpoint_row(c, _metrics_at(metrics, c), c["name"] == latest), c["name"])
-            )
+        options = checkpoint_rows(self.checkpoints, self.job.metrics())
         keep = self.select.value
         self.select.rows = min(8, max(2, len(options)))
         self.select.options = options
@@ -349,11 +321,7 @@ class CheckpointBrowser(w.VBox):
         self.title.value = (
             f"<b>Checkpoints of {html.escape(self.job.name)}</b> "
             f"<code>{html.escape(self.job.id)}</code> ({self.state}, {len(options)} saved)"
-            "<br><code style='white-space:pre'>"
-            + html.escape(
-                f"{'name':<28} {'epoch':>5} {'step':>7}  {'saved':<8} {'size':>9}  metrics"
-            )
-            + "</code>"
+            f"<br><code style='white-space:pre'>{html.escape(CHECKPOINT_HEADER)}</code>"
         )
         self._enable()
 
@@ -363,15 +331,17 @@ class CheckpointBrowser(w.VBox):
 
     @property
     def selected(self) -> str | None:
+        """The name of the selected checkpoint, if any."""
         return self.select.value
 
     def _enable(self) -> None:
         none = self.selected is None
-        self.resume_button.disabled = none or self.state not in LEGAL["resume"]
+        resumable = _allows(self.record, Action.RESUME)
+        self.resume_button.disabled = none or not resumable
         # The server refuses to delete what a stopped job resumes from: say so
         # by disabling the button rather than by an error after the click.
         latest = self.checkpoints[-1]["name"] if self.checkpoints else None
-        needed = self.state in LEGAL["resume"] and self.selected == latest
+        needed = resumable and self.selected == latest
         self.delete_button.disabled = none or needed
         self.delete_button.tooltip = (
             "The job resumes from this checkpoint; resume or cancel the job first"
@@ -385,7 +355,7 @@ class CheckpointBrowser(w.VBox):
             self.job.resume(checkpoint=name)
             self.message.value = f"Resuming from <code>{html.escape(str(name))}</code>."
         except CumulusError as e:
-            self.message.value = _error_html(e)
+            self.message.value = error_html(e)
         self.refresh()
 
     def _delete(self) -> None:
@@ -394,83 +364,8 @@ class CheckpointBrowser(w.VBox):
             self.job.client.delete_checkpoint(self.job.id, str(name))
             self.message.value = f"Deleted <code>{html.escape(str(name))}</code>."
         except CumulusError as e:
-            self.message.value = _error_html(e)
+            self.message.value = error_html(e)
         self.refresh()
-
-
-def _device_text(device: Any) -> str:
-    if not device:
-        return ""
-    if device == "cpu":
-        return " (CPU-only host)"
-    return f" of GPU {html.escape(str(device))}"
-
-
-def _metrics_at(metrics: list[dict[str, Any]], checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The last metrics reported before the checkpoint was saved."""
-    found: dict[str, Any] = {}
-    for m in metrics:
-        if m.get("time", 0) <= checkpoint.get("time", 0):
-            found = m
-    return {k: v for k, v in found.items() if k not in _NOT_PLOTTED}
-
-
-def _checkpoint_row(c: dict[str, Any], metrics: dict[str, Any], latest: bool) -> str:
-    saved = time.strftime("%H:%M:%S", time.localtime(c.get("time", 0)))
-    shown = " ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
-    )
-    row = (
-        f"{c['name']:<28} {c.get('epoch', ''):>5} {c.get('step', ''):>7}  {saved:<8} "
-        f"{_size(c.get('size', 0)):>9}  {shown}"
-    )
-    return row + ("  ← latest" if latest else "")
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
-def _error_html(e: BaseException) -> str:
-    return f'<span style="color:#c62828">{html.escape(str(e))}</span>'
-
-
-def _svg_chart(
-    series: dict[str, list[tuple[float, float]]], width: int = 460, height: int = 120
-) -> str:
-    """A small line chart of each reported metric against step, as inline SVG."""
-    if not series:
-        return ""
-    palette = ["#1565c0", "#c62828", "#2e7d32", "#6a1b9a", "#ef6c00"]
-    parts = []
-    pad = 4
-    for i, (name, points) in enumerate(sorted(series.items())[: len(palette)]):
-        xs = [p[0] for p in points]
-        ys = [p[1] for p in points]
-        x0, x1 = min(xs), max(xs)
-        y0, y1 = min(ys), max(ys)
-        sx = (width - 2 * pad) / ((x1 - x0) or 1)
-        sy = (height - 2 * pad) / ((y1 - y0) or 1)
-        coords = " ".join(
-            f"{pad + (x - x0) * sx:.1f},{height - pad - (y - y0) * sy:.1f}" for x, y in points
-        )
-        color = palette[i]
-        parts.append(
-            f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{coords}"/>'
-        )
-        parts.append(
-            f'<text x="{width - pad}" y="{14 + 14 * i}" text-anchor="end" font-size="11" '
-            f'fill="{color}">{html.escape(name)} {ys[-1]:.4g} (min {y0:.4g})</text>'
-        )
-    return (
-        f'<svg width="{width}" height="{height}" style="background:#fcfcfc;border:1px solid #eee">'
-        + "".join(parts)
-        + "</svg>"
-    )
 
 
 def _live_widgets() -> list[Any]:

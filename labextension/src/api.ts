@@ -8,7 +8,7 @@
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
-/** The states of a job (see docs/rest-api.md). */
+/** The states of a job: `JobState` of cumulus_jupyter/states.py. */
 export type JobState =
   | 'queued'
   | 'running'
@@ -20,7 +20,13 @@ export type JobState =
   | 'timed_out'
   | 'lost';
 
-/** The fields of a job record the panel reads. */
+/**
+ * What a user can ask of a job, in button order: `Action` of
+ * cumulus_jupyter/states.py.
+ */
+export type JobAction = 'pause' | 'resume' | 'cancel' | 'delete';
+
+/** The fields of a job record the panel knows (docs/rest-api.md has them all). */
 export interface IJob {
   id: string;
   name: string;
@@ -33,8 +39,13 @@ export interface IJob {
   message: string;
   elapsed: number | null;
   run: number;
-  cancel_requested: number | null;
   resume_checkpoint: string | null;
+  /**
+   * What the user may do to this job now (the server's `actions()` of
+   * cumulus_jupyter/states.py): each button is enabled exactly when its
+   * action is here. A job being cancelled has none.
+   */
+  actions: JobAction[];
 }
 
 /** One device's shares: how much is taken, and by which jobs. */
@@ -68,22 +79,16 @@ export interface ILogChunk {
   running: boolean;
 }
 
-/** Which action each state allows, as the server enforces it. */
-export const LEGAL: { [action: string]: ReadonlySet<JobState> } = {
-  pause: new Set<JobState>(['running']),
-  resume: new Set<JobState>(['paused', 'timed_out', 'lost']),
-  cancel: new Set<JobState>([
-    'queued',
-    'running',
-    'pausing',
-    'paused',
-    'timed_out',
-    'lost'
-  ])
-};
-
-/** States in which a job's process may still change something. */
-export const ACTIVE = new Set<JobState>(['queued', 'running', 'pausing']);
+/**
+ * States in which a job's process may still change something: the model
+ * keeps fetching these jobs' metrics. `ACTIVE` of cumulus_jupyter/states.py
+ * is the source; tests/test_contracts.py checks that this copy agrees.
+ */
+export const ACTIVE: ReadonlySet<JobState> = new Set<JobState>([
+  'queued',
+  'running',
+  'pausing'
+]);
 
 /** An error answered by the server (or a failure to reach it), readable as is. */
 export class CumulusError extends Error {

@@ -6,6 +6,20 @@
  */
 import { IMetrics } from './api';
 
+/**
+ * Fields that place a record (which step of which run, when, out of how
+ * many) rather than measure anything: never plotted nor listed as metrics.
+ * `POSITION_FIELDS` of cumulus_jupyter/metrics.py is the source;
+ * tests/test_contracts.py checks that this copy agrees.
+ */
+export const POSITION_FIELDS: ReadonlySet<string> = new Set([
+  'step',
+  'total',
+  'time',
+  'epoch',
+  'run'
+]);
+
 /** The run of a record: its `run` field, or 1 when it has none. */
 export function runOf(record: IMetrics): number {
   const run = record.run;

@@ -13,6 +13,7 @@ import {
   IJob,
   ILogChunk,
   IMetrics,
+  JobAction,
   jobPath,
   requestAPI
 } from './api';
@@ -133,7 +134,7 @@ export class JobsModel implements IDisposable {
   /** Ask the server to pause, resume or cancel a job; update when it answers. */
   async act(
     id: string,
-    action: 'pause' | 'resume' | 'cancel',
+    action: Exclude<JobAction, 'delete'>,
     body: { [key: string]: unknown } = {}
   ): Promise<IJob> {
     const job = await requestAPI<IJob>(jobPath(id, action), {

@@ -7,14 +7,14 @@ import { ReactWidget, UseSignal } from '@jupyterlab/ui-components';
 import { Message } from '@lumino/messaging';
 import React from 'react';
 
-import { ACTIVE, ICheckpoint, IGpu, IJob, IMetrics, LEGAL } from './api';
+import { ACTIVE, IGpu, IJob, IMetrics, JobAction } from './api';
+import { ActionButton } from './button';
+import { MetricsChart } from './chart';
+import { CheckpointTable } from './checkpoints';
+import { clock, formatValue, percent } from './format';
 import { cumulusIcon } from './icon';
+import { POSITION_FIELDS } from './metrics';
 import { JobsModel } from './model';
-
-/** Keys of a `report()` record that are not metrics to show. */
-const NOT_METRICS = new Set(['time', 'step', 'total', 'epoch', 'run']);
-/** Line colours of the metrics chart; one metric each, the first ones by name. */
-const PALETTE = ['#1565c0', '#c62828', '#2e7d32', '#6a1b9a', '#ef6c00'];
 
 export class JobsPanel extends ReactWidget {
   constructor() {
@@ -149,7 +149,7 @@ function JobItem({
   open: boolean;
 }): JSX.Element {
   const [busy, setBusy] = React.useState(false);
-  const act = async (action: 'pause' | 'resume' | 'cancel') => {
+  const act = async (action: Exclude<JobAction, 'delete'>) => {
     if (action === 'cancel') {
       const answer = await showDialog({
         title: `Cancel ${job.name}?`,
@@ -175,7 +175,8 @@ function JobItem({
       setBusy(false);
     }
   };
-  const stopping = job.cancel_requested !== null && ACTIVE.has(job.state);
+  // Exactly what the server says may be done now (none while cancelling).
+  const allowed = (action: JobAction) => !busy && job.actions.includes(action);
   const progress = progressOf(metrics);
   return (
     <li
@@ -241,19 +242,19 @@ function JobItem({
         <ActionButton
           label="Pause"
           title="Save a checkpoint at the next batch and free the GPU"
-          disabled={busy || stopping || !LEGAL.pause.has(job.state)}
+          disabled={!allowed('pause')}
           onClick={() => void act('pause')}
         />
         <ActionButton
           label="Resume"
           title="Continue from the latest checkpoint"
-          disabled={busy || !LEGAL.resume.has(job.state)}
+          disabled={!allowed('resume')}
           onClick={() => void act('resume')}
         />
         <ActionButton
           label="Cancel"
           title="Stop the job for good (checkpoints stay)"
-          disabled={busy || stopping || !LEGAL.cancel.has(job.state)}
+          disabled={!allowed('cancel')}
           onClick={() => void act('cancel')}
           warn
         />
@@ -275,7 +276,7 @@ function JobDetail({
   const detail = model.detail;
   const shown = Object.entries(metrics ?? {}).filter(
     ([key, value]) =>
-      !NOT_METRICS.has(key) && ['number', 'string'].includes(typeof value)
+      !POSITION_FIELDS.has(key) && ['number', 'string'].includes(typeof value)
   );
   return (
     <div className="jp-CumulusJob-detail">
@@ -312,190 +313,6 @@ function JobDetail({
 }
 
 /**
- * Each numeric metric against its step, one point per step (the newest run's
- * value: a resume runs the steps after its checkpoint again), each line on
- * its own scale.
- */
-function MetricsChart({
-  records
-}: {
-  records: IMetrics[];
-}): JSX.Element | null {
-  const series = new Map<string, [number, number][]>();
-  for (const record of records) {
-    const x = record.step as number; // records of `steps()` have a numeric step
-    for (const [key, value] of Object.entries(record)) {
-      if (
-        !NOT_METRICS.has(key) &&
-        typeof value === 'number' &&
-        isFinite(value)
-      ) {
-        let points = series.get(key);
-        if (points === undefined) {
-          points = [];
-          series.set(key, points);
-        }
-        points.push([x, value]);
-      }
-    }
-  }
-  const shown = [...series.keys()].sort().slice(0, PALETTE.length);
-  if (!shown.length) {
-    return null;
-  }
-  const width = 300;
-  const height = 80;
-  const pad = 3;
-  return (
-    <figure className="jp-CumulusJob-chart" style={{ margin: '4px 0' }}>
-      <svg
-        viewBox={`0 0 ${width} ${height}`}
-        width="100%"
-        role="img"
-        aria-label={`${shown.join(', ')} by step`}
-        style={{ background: 'var(--jp-layout-color2)', display: 'block' }}
-      >
-        {shown.map((name, i) => {
-          const points = series.get(name)!;
-          const xs = points.map(p => p[0]);
-          const ys = points.map(p => p[1]);
-          const [x0, x1] = [Math.min(...xs), Math.max(...xs)];
-          const [y0, y1] = [Math.min(...ys), Math.max(...ys)];
-          const sx = (width - 2 * pad) / (x1 - x0 || 1);
-          const sy = (height - 2 * pad) / (y1 - y0 || 1);
-          const coords = points
-            .map(
-              ([x, y]) =>
-                `${(pad + (x - x0) * sx).toFixed(1)},${(height - pad - (y - y0) * sy).toFixed(1)}`
-            )
-            .join(' ');
-          return (
-            <polyline
-              key={name}
-              data-metric={name}
-              data-points={points.length}
-              fill="none"
-              stroke={PALETTE[i]}
-              strokeWidth={1.5}
-              vectorEffect="non-scaling-stroke"
-              points={coords}
-            >
-              <title>
-                {name}: {formatValue(ys[ys.length - 1])} at step{' '}
-                {xs[xs.length - 1]}
-              </title>
-            </polyline>
-          );
-        })}
-      </svg>
-      <figcaption style={{ fontSize: 'var(--jp-ui-font-size0)' }}>
-        {shown.map((name, i) => (
-          <span key={name} style={{ color: PALETTE[i], marginRight: '8px' }}>
-            {name}
-          </span>
-        ))}
-        by step
-      </figcaption>
-    </figure>
-  );
-}
-
-function CheckpointTable({
-  job,
-  model,
-  checkpoints
-}: {
-  job: IJob;
-  model: JobsModel;
-  checkpoints: ICheckpoint[];
-}): JSX.Element {
-  if (!checkpoints.length) {
-    return (
-      <p className="jp-CumulusPanel-empty">
-        No checkpoints yet (<code>Checkpointer.save</code> in the job).
-      </p>
-    );
-  }
-  const latest = checkpoints[checkpoints.length - 1].name;
-  const resumable = LEGAL.resume.has(job.state);
-  const resumeFrom = async (name: string) => {
-    try {
-      await model.act(job.id, 'resume', { checkpoint: name });
-    } catch (error) {
-      await showErrorMessage(
-        `Cannot resume ${job.name} from ${name}`,
-        (error as Error).message
-      );
-    }
-  };
-  const remove = async (name: string) => {
-    const answer = await showDialog({
-      title: `Delete ${name}?`,
-      body: `The checkpoint file of ${job.name} is removed from the server.`,
-      buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Delete' })]
-    });
-    if (!answer.button.accept) {
-      return;
-    }
-    try {
-      await model.deleteCheckpoint(job.id, name);
-    } catch (error) {
-      await showErrorMessage(`Cannot delete ${name}`, (error as Error).message);
-    }
-  };
-  return (
-    <ul className="jp-CumulusJob-checkpoints">
-      {[...checkpoints].reverse().map(c => {
-        // The server keeps the checkpoint a stopped job resumes from.
-        const needed = resumable && c.name === latest;
-        return (
-          <li key={c.name} data-checkpoint={c.name}>
-            <div
-              className="jp-CumulusJob-checkpointInfo"
-              title={metricsTitle(c.metrics)}
-            >
-              <div className="jp-CumulusJob-checkpointName">
-                {c.name}
-                {c.name === latest && (
-                  <span className="jp-CumulusJob-latest">latest</span>
-                )}
-              </div>
-              <div className="jp-CumulusJob-checkpointFacts">
-                epoch {c.epoch} · step {c.step} ·{' '}
-                {new Date(c.time * 1000).toLocaleTimeString()} · {bytes(c.size)}
-              </div>
-            </div>
-            <div className="jp-CumulusJob-rowActions">
-              <ActionButton
-                label="Resume"
-                title={
-                  resumable
-                    ? 'Resume the job from this checkpoint'
-                    : 'Only a paused, timed-out or lost job can be resumed'
-                }
-                disabled={!resumable}
-                onClick={() => void resumeFrom(c.name)}
-              />
-              <ActionButton
-                label="Delete"
-                title={
-                  needed
-                    ? 'The job resumes from this checkpoint; resume or cancel the job first'
-                    : 'Delete this checkpoint'
-                }
-                disabled={needed}
-                onClick={() => void remove(c.name)}
-                warn
-              />
-            </div>
-          </li>
-        );
-      })}
-    </ul>
-  );
-}
-
-/**
  * The end of a job's log, kept scrolled to its last line as output arrives,
  * unless the user scrolled up to read.
  */
@@ -522,26 +339,6 @@ function LogTail({ text }: { text: string }): JSX.Element {
   );
 }
 
-function ActionButton(props: {
-  label: string;
-  title: string;
-  disabled: boolean;
-  onClick: () => void;
-  warn?: boolean;
-}): JSX.Element {
-  const warn = props.warn ? ' jp-mod-warn' : '';
-  return (
-    <button
-      className={`jp-Button jp-mod-styled jp-mod-small${warn}`}
-      disabled={props.disabled}
-      title={props.title}
-      onClick={props.onClick}
-    >
-      {props.label}
-    </button>
-  );
-}
-
 function progressOf(
   metrics: IMetrics | undefined
 ): { step: number; total: number; fraction: number } | null {
@@ -560,44 +357,4 @@ function deviceLabel(job: IJob): string {
     return 'waiting for a device';
   }
   return job.device === 'cpu' ? 'CPU' : `GPU ${job.device}`;
-}
-
-/** `1:02:03`, `4:05` or `–`. */
-export function clock(seconds: number | null): string {
-  if (seconds === null || !isFinite(seconds)) {
-    return '–';
-  }
-  const s = Math.max(0, Math.floor(seconds));
-  const h = Math.floor(s / 3600);
-  const m = Math.floor((s % 3600) / 60);
-  const sec = String(s % 60).padStart(2, '0');
-  return h ? `${h}:${String(m).padStart(2, '0')}:${sec}` : `${m}:${sec}`;
-}
-
-function percent(fraction: number): string {
-  return `${Math.round(fraction * 100)}%`;
-}
-
-function bytes(n: number): string {
-  const units = ['B', 'KB', 'MB', 'GB', 'TB'];
-  let value = n;
-  let unit = 0;
-  while (value >= 1024 && unit < units.length - 1) {
-    value /= 1024;
-    unit++;
-  }
-  return `${value < 10 && unit ? value.toFixed(1) : Math.round(value)} ${units[unit]}`;
-}
-
-function formatValue(value: unknown): string {
-  if (typeof value === 'number') {
-    return Number.isInteger(value) ? String(value) : value.toPrecision(4);
-  }
-  return String(value);
-}
-
-function metricsTitle(metrics: { [key: string]: unknown }): string {
-  return Object.entries(metrics ?? {})
-    .map(([k, v]) => `${k}: ${formatValue(v)}`)
-    .join('\n');
 }
