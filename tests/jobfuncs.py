@@ -584,3 +584,19 @@ def metrics_across_runs(steps=60, every_steps=10, hold=None, flag_dir=None):
         if ckpt.time_to_checkpoint(step, every_steps=every_steps):
             ckpt.save(model, optimizer, 0, step)
     return {"start": start, "run": run}
+
+
+def register_at_exit(path, non_daemon_seconds=0.0):
+    """Registers an atexit handler that writes ``path``; maybe leaves a non-daemon thread."""
+    import atexit
+    import threading
+    import time
+
+    def write():
+        with open(path, "w") as f:
+            f.write("ran at exit")
+
+    atexit.register(write)
+    if non_daemon_seconds:
+        threading.Thread(target=time.sleep, args=(non_daemon_seconds,)).start()
+    return "registered"

@@ -583,3 +583,16 @@ def test_a_record_says_what_may_be_done_and_the_server_agrees(client, tmp_path):
     client.forget_job(job.id)
     client.forget_job(stubborn.id)
     assert {j.id for j in client.jobs()}.isdisjoint({job.id, stubborn.id})
+
+
+@pytest.mark.parametrize("non_daemon_seconds", [0.0, 0.5])
+def test_a_run_still_runs_its_atexit_handlers(client, tmp_path, non_daemon_seconds):
+    """The worker skips interpreter teardown, not what user code registered to run at exit."""
+    marker = tmp_path / "at_exit"
+    job = client.run_async(
+        jobfuncs.register_at_exit, args=[str(marker), non_daemon_seconds], gpu_memory=0.1
+    )
+    assert job.result(timeout=60) == "registered"
+    wait_state(job, "completed")
+    wait_until(marker.exists, what="the atexit handler's file")
+    assert marker.read_text() == "ran at exit"

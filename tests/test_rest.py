@@ -385,3 +385,15 @@ async def test_shipped_modules_land_privately_in_the_job_directory(jp_fetch, jp_
     assert os.stat(os.path.join(job_dir, "modules", "nets")).st_mode & 0o777 == 0o700
     listed = json.loads(Path(job_dir, "modules.json").read_text())
     assert listed == {"files": sorted(files), "origins": modules["origins"]}
+
+
+async def test_the_server_hears_a_run_end_from_the_process_itself(jp_fetch, jp_serverapp):
+    """With the monitor's poll stopped, a run's end still reaches the record at once."""
+    manager = jp_serverapp.web_app.settings["cumulus_manager"]
+    await manager.monitor.stop()  # only the backend's watch on the process is left
+    resp = await jp_fetch("cumulus", "api", "jobs", method="POST", body=submit_body())
+    job_id = json.loads(resp.body)["id"]
+    resp = await jp_fetch("cumulus", "api", "jobs", job_id, "result", params={"wait": 60})
+    assert resp.code == 200 and resp.headers["X-Cumulus-State"] == "completed"
+    gpus = json.loads((await jp_fetch("cumulus", "api", "gpus")).body)["gpus"]
+    assert gpus[0]["used"] == 0  # the share is free again

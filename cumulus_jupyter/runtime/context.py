@@ -91,20 +91,30 @@ def request_pause(*_: Any) -> None:
 def should_pause() -> bool:
     """Whether the job was asked to pause; call it at every batch boundary.
 
-    It costs a flag test almost always: the server signals the process when it
-    writes the pause flag, and ``control.json`` is looked at no more than once
-    a second as a fallback. Outside a job it is always ``False``.
+    It costs a flag test and a clock read almost always (about 0.1 us): the
+    server signals the process when it writes the pause flag, and
+    ``control.json`` is looked at no more than once a second as a fallback.
+    Outside a job it is always ``False``.
     """
-    global _next_control_check, _control_mtime, _pause_observed
+    global _pause_observed
     if _pause_requested:
         _pause_observed = True
         return True
-    if not in_job():
-        return False
-    now = time.monotonic()
+    now = _monotonic()
     if now < _next_control_check:
         return False
+    return _look_at_control(now)
+
+
+_monotonic = time.monotonic
+
+
+def _look_at_control(now: float) -> bool:
+    """The fallback of :func:`should_pause`: read ``control.json`` if it changed."""
+    global _next_control_check, _control_mtime, _pause_observed
     _next_control_check = now + _CONTROL_POLL_SECONDS
+    if not in_job():
+        return False
     try:
         mtime = os.stat(job_dir() / CONTROL).st_mtime
     except OSError:

@@ -7,14 +7,16 @@ finishes correctly even when the server that started it is gone.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ..jobdir import GPU_FRACTION_ENV, NICE_ENV, PAUSE_SIGNAL, SEED_ENV, JobDir
 from ..shipping import install_shipped_modules, missing_module_message
@@ -217,5 +219,25 @@ def main(argv: list[str] | None = None) -> int:
     return run(Path(argv[0]).resolve())
 
 
+def exit_now(code: int) -> NoReturn:
+    """End the process once the run's outcome is durable, without interpreter teardown.
+
+    Tearing down an interpreter that loaded torch takes a noticeable part of a
+    second, and the server counts a pause or a cancel done only when the
+    process is gone. What user code asked to run at exit still runs: the
+    ``atexit`` handlers (a logger flushing, a writer closing). A thread that is
+    not a daemon would keep a normal exit waiting for it, so with one still
+    running the exit is the normal one.
+    """
+    main_thread = threading.main_thread()
+    if any(t is not main_thread and t.is_alive() and not t.daemon for t in threading.enumerate()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    with contextlib.suppress(Exception):  # a closed or broken stream changes nothing now
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -76,6 +77,7 @@ class JobManager:
                 handle = job.handle
                 if handle is not None and self.backend.adopt(handle):
                     self.ledger.take(job_id, job.device or "", job.gpu_memory)
+                    self.backend.watch(handle, functools.partial(self._run_ended, job))
                     self.log.info("cumulus: re-adopted job %s (pid %s)", job_id, handle.pid)
                 else:
                     self.finish(job_id)
@@ -88,6 +90,7 @@ class JobManager:
     async def stop(self) -> None:
         """Stop watching. Jobs keep running and are re-adopted at the next start."""
         await self.monitor.stop()
+        self.backend.unwatch_all()
 
     # -- queries ---------------------------------------------------------------
 
@@ -345,6 +348,19 @@ class JobManager:
         job.escalation = None
         job.runs.append({"run": run, "started": now, "pid": handle.pid, "device": device})
         self.set_state(job, JobState.RUNNING, "running")
+        self.backend.watch(handle, functools.partial(self._run_ended, job))
+
+    def _run_ended(self, job: JobRecord) -> None:
+        """The backend saw the run's process end: record it now, not at the next tick."""
+        handle = job.handle
+        if (
+            self.jobs.get(job.id) is job
+            and job.state in (JobState.RUNNING, JobState.PAUSING)
+            and handle is not None
+            and not self.backend.is_alive(handle)
+        ):
+            self.finish(job.id)
+            self.admit()
 
     def finish(self, job_id: str) -> None:
         """The run's process has ended: record how, free its share."""

@@ -11,6 +11,7 @@ in that directory.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,16 @@ class Backend(ABC):
 
     def cleanup(self, handle: ProcessHandle) -> None:  # noqa: B027 - optional hook
         """Remove what is left of a job whose main process has ended."""
+
+    def watch(self, handle: ProcessHandle, on_exit: Callable[[], None]) -> None:  # noqa: B027
+        """Call ``on_exit`` in the server's event loop as soon as the run's process ends.
+
+        Optional: a backend that cannot tell leaves it to the monitor, which
+        polls :meth:`is_alive` a few times a second.
+        """
+
+    def unwatch_all(self) -> None:  # noqa: B027 - optional hook
+        """Stop every :meth:`watch` (the server is stopping; the jobs go on)."""
 
 
 from .local import LocalBackend  # noqa: E402  (after Backend, which it subclasses)

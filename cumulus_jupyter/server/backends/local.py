@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -22,6 +24,7 @@ class LocalBackend(Backend):
 
     def __init__(self) -> None:
         self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._watched: dict[int, tuple[asyncio.AbstractEventLoop, int]] = {}  # pid -> pidfd
 
     def start(self, job_dir: Path, python: str, env: dict[str, str]) -> ProcessHandle:
         proc = start_worker(python, job_dir, env)
@@ -132,6 +135,40 @@ class LocalBackend(Backend):
                     with contextlib.suppress(psutil.Error):
                         proc.kill()
         self._reap(handle)
+
+    def watch(self, handle: ProcessHandle, on_exit: Callable[[], None]) -> None:
+        # A pidfd becomes readable when its process ends, child or not (Linux
+        # 5.3+): the server hears of a run's end from the process itself,
+        # not from the next pass of the monitor.
+        try:
+            loop = asyncio.get_running_loop()
+            fd = os.pidfd_open(handle.pid)
+        except (RuntimeError, AttributeError, OSError):
+            return  # no loop, no pidfd, or already gone: the monitor's poll finds it
+        if not self.is_alive(handle):  # ended, or the pid is another process's now
+            os.close(fd)
+            loop.call_soon(on_exit)
+            return
+        self._unwatch(handle.pid)
+
+        def ended() -> None:
+            self._unwatch(handle.pid)
+            on_exit()
+
+        self._watched[handle.pid] = (loop, fd)
+        loop.add_reader(fd, ended)
+
+    def _unwatch(self, pid: int) -> None:
+        watched = self._watched.pop(pid, None)
+        if watched is not None:
+            loop, fd = watched
+            with contextlib.suppress(Exception):  # the loop may be closed already
+                loop.remove_reader(fd)
+            os.close(fd)
+
+    def unwatch_all(self) -> None:
+        for pid in list(self._watched):
+            self._unwatch(pid)
 
     def _reap(self, handle: ProcessHandle) -> None:
         child = self._children.get(handle.pid)
