@@ -600,3 +600,16 @@ def register_at_exit(path, non_daemon_seconds=0.0):
     if non_daemon_seconds:
         threading.Thread(target=time.sleep, args=(non_daemon_seconds,)).start()
     return "registered"
+
+
+def print_when_released(release_path, text, done_path):
+    """Print ``text`` once ``release_path`` exists, then run until ``done_path`` exists."""
+    import os
+    import time
+
+    while not os.path.exists(release_path):
+        time.sleep(0.02)
+    print(text, flush=True)
+    while not os.path.exists(done_path):
+        time.sleep(0.02)
+    return "done"

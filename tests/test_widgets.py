@@ -38,7 +38,7 @@ class StubJob:
     def metrics(self):
         return []
 
-    def get_logs(self, job_id, offset=0):
+    def get_logs(self, job_id, offset=0, wait=0.0):
         return {"data": "", "next_offset": 0, "size": 0, "running": False}
 
     def metrics_page(self, job_id, since=0):
@@ -130,6 +130,10 @@ def test_closing_widgets_leaves_no_thread_behind(training):
         view.close()
     wait_until(lambda: not thread.is_alive(), what="the poller thread to exit")
     assert widgets._live_widgets() == []
+    # Each widget's log follower ends with its current long-poll.
+    followers = [view._follower for view in views if view._follower is not None]
+    assert followers, "a running job's widget follows its log"
+    wait_until(lambda: not any(f.is_alive() for f in followers), what="the log followers to end")
 
 
 def test_errors_from_the_server_are_shown_not_raised(training):
@@ -181,3 +185,22 @@ def test_a_job_outside_a_kernel_prints_a_summary(client):
     with redirect_stdout(out):
         job._ipython_display_()
     assert out.getvalue().startswith(f"Job {job.id} 'add': completed")
+
+
+def test_a_printed_line_shows_without_waiting_for_the_next_refresh(client, tmp_path):
+    """The widget follows a running job's output itself (long-polls), not only on refreshes."""
+    release, done = tmp_path / "release", tmp_path / "done"
+    job = client.run_async(
+        jobfuncs.print_when_released, args=[str(release), "hello, live", str(done)], gpu_memory=0.1
+    )
+    wait_until(lambda: job.status() == "running", what="the job to run")
+    w = JobWidget(job, poll_interval=3600)  # one refresh now, the next in an hour
+    try:
+        assert "hello, live" not in w.log_text
+        release.touch()
+        wait_until(lambda: "hello, live" in w.log_text, what="the line in the widget")
+        assert "hello, live" in w.log_view.value
+    finally:
+        done.touch()
+        w.close()
+    assert job.result(timeout=60) == "done"

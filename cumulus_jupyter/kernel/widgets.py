@@ -10,7 +10,9 @@ drawn by :mod:`.display`.
 Every ``JobWidget`` is refreshed by one shared background thread that talks
 to the server, so the kernel is never blocked and a notebook full of widgets
 costs one thread. A widget leaves the thread when it is closed or its job
-ends; the thread exits when no widget is left.
+ends; the thread exits when no widget is left. While its job runs, a widget
+also follows the job's output with long-polls (``GET logs?wait=``) in a
+thread of its own, so a printed line shows at once, not at the next refresh.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import ipywidgets as w
 
 from ..errors import CumulusError
 from ..metrics import POSITION_FIELDS, StepMerger
-from ..states import RESUMABLE, TERMINAL, Action, JobState
+from ..states import ACTIVE, RESUMABLE, TERMINAL, Action, JobState
 from .client import CumulusClient, Job
 from .display import (
     CHECKPOINT_HEADER,
@@ -41,6 +43,12 @@ from .logstream import LineAssembler
 #: Steps a chart holds at most; past it every other one is dropped (the shape stays).
 _MAX_POINTS = 2000
 _MAX_LOG_BYTES = 256 * 1024  # read per refresh at most; older output is skipped
+#: How long one long-poll of the log may wait for output.
+_FOLLOW_WAIT = 2.0
+#: The least time between two log requests of one widget: a job that prints
+#: all the time costs at most ten requests a second, one that prints now and
+#: then one request per line (or per _FOLLOW_WAIT).
+_FOLLOW_GAP = 0.1
 
 
 class _Poller:
@@ -158,6 +166,8 @@ class JobWidget(w.VBox, _Polled):
         # its checkpoint again, and the chart must not draw them twice.
         self._metrics = StepMerger(max_steps=_MAX_POINTS, keep_unplaced=False)
         self._refresh_lock = threading.Lock()
+        self._follower: threading.Thread | None = None
+        self._closed = False
         self.refresh()
         if self.state not in TERMINAL:
             POLLER.add(self)
@@ -179,11 +189,37 @@ class JobWidget(w.VBox, _Polled):
         with self._refresh_lock:
             client = self.job.client
             record = self.job.info()
-            self._read_log(client)
+            if not self._following():  # while it runs, the follower reads the log
+                self._read_log(client)
             page = client.metrics_page(self.job.id, since=self._metrics_next)
             self._metrics_next = page["next"]
             self._metrics.extend(page["metrics"])
             self._draw(record)
+            if record.get("state") in ACTIVE and not self._following() and not self._closed:
+                self._follower = threading.Thread(
+                    target=self._follow_log, name=f"cumulus-log-{self.job.id}", daemon=True
+                )
+                self._follower.start()
+
+    def _following(self) -> bool:
+        return self._follower is not None and self._follower.is_alive()
+
+    def _follow_log(self) -> None:
+        """Long-poll the job's output while it runs; draw each new piece at once."""
+        client = self.job.client
+        while not self._closed:
+            started = time.monotonic()
+            try:
+                part = client.get_logs(self.job.id, self._log_offset, wait=_FOLLOW_WAIT)
+            except (CumulusError, OSError):
+                return  # the shared refresh reads the log again, and says what failed
+            if part["data"]:
+                with self._refresh_lock:
+                    self._add_output(part)
+                    self._draw_log()
+            if not part["running"] and part["next_offset"] >= part["size"]:
+                return
+            time.sleep(max(0.0, _FOLLOW_GAP - (time.monotonic() - started)))
 
     def poll(self) -> bool:
         try:
@@ -205,11 +241,15 @@ class JobWidget(w.VBox, _Polled):
                 continue
             if not part["data"]:
                 return
-            done, self._partial = self._assembler.feed(part["data"])
-            self._lines.extend(done)
-            self._log_offset = part["next_offset"]
+            self._add_output(part)
             if self._log_offset >= part["size"]:
                 return
+
+    def _add_output(self, part: dict[str, Any]) -> None:
+        """Take in one answer of ``GET logs``."""
+        done, self._partial = self._assembler.feed(part["data"])
+        self._lines.extend(done)
+        self._log_offset = part["next_offset"]
 
     @property
     def series(self) -> dict[str, list[tuple[float, float]]]:
@@ -243,14 +283,17 @@ class JobWidget(w.VBox, _Polled):
         styles: dict[str, str] = {JobState.COMPLETED: "success", JobState.FAILED: "danger"}
         self.progress.bar_style = styles.get(state, "info")
         self.chart.value = svg_chart(self.series)
+        self._draw_log()
+        # Last: whoever reads .state sees a widget already drawn for it.
+        self.record = r
+
+    def _draw_log(self) -> None:
         text = html.escape(self.log_text) or "<i>no output yet</i>"
         self.log_view.value = (
             '<pre style="max-height:14em;overflow:auto;background:#f7f7f7;margin:0;'
             f'padding:4px;font-size:12px;display:flex;flex-direction:column-reverse">'
             f"<span>{text}</span></pre>"
         )
-        # Last: whoever reads .state sees a widget already drawn for it.
-        self.record = r
 
     def _act(self, action: Action) -> None:
         try:
@@ -265,6 +308,7 @@ class JobWidget(w.VBox, _Polled):
             POLLER.add(self)
 
     def close(self) -> None:
+        self._closed = True  # the follower stops after its current long-poll
         POLLER.remove(self)
         super().close()
 
