@@ -73,6 +73,23 @@ SEED_ENV = "CUMULUS_VERIFY_SEED"
 #: and JupyterHub's API token under its current and its legacy name.
 SECRET_ENV = (TOKEN_ENV, "JUPYTER_TOKEN", "JPY_API_TOKEN", "JUPYTERHUB_API_TOKEN")
 
+#: What is particular to one run (set per run by :func:`job_environment`); a warm
+#: template shares everything else of a run's environment.
+RUN_ENV_KEYS = frozenset(
+    {
+        JOB_DIR_ENV,
+        JOB_ID_ENV,
+        RUN_ENV,
+        GPU_FRACTION_ENV,
+        NICE_ENV,
+        PAUSE_AT_ENV,
+        SEED_ENV,
+        "PYTHONUNBUFFERED",
+        "CUDA_VISIBLE_DEVICES",
+        "CUDA_DEVICE_ORDER",
+    }
+)
+
 # -- the process -----------------------------------------------------------------
 #: The module a run executes (``python -m``).
 WORKER_MODULE = "cumulus_jupyter.runtime.worker"
@@ -107,6 +124,11 @@ def start_worker(python: str, job_dir: Path, env: Mapping[str, str]) -> subproce
         os.close(log)
 
 
+def shared_environment(base: Mapping[str, str]) -> dict[str, str]:
+    """What every run's environment takes from ``base``: all of it but the secrets."""
+    return {k: v for k, v in base.items() if k not in SECRET_ENV}
+
+
 def job_environment(
     base: Mapping[str, str],
     job_dir: Path,
@@ -123,7 +145,7 @@ def job_environment(
     ``cuda_devices`` is what ``CUDA_VISIBLE_DEVICES`` becomes (``""`` hides
     every GPU); ``None`` leaves it as ``base`` has it.
     """
-    env = {k: v for k, v in base.items() if k not in SECRET_ENV}
+    env = shared_environment(base)
     env.update(
         {
             JOB_DIR_ENV: str(job_dir),

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,10 +66,14 @@ def client(server):
 
 def _kill_leftover_jobs(root: Path) -> None:
     """Tests must not leave job processes behind on a shared CI machine."""
-    for proc in psutil.process_iter(["cmdline"]):
+    inside = str(root) + os.sep
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
         with contextlib.suppress(psutil.Error):
             cmd = proc.info["cmdline"] or []
-            if WORKER_MODULE in cmd and any(str(root) in c for c in cmd):
+            # A cold run names its directory on its command line; a run forked
+            # by a warm template (and what it started) only works in it.
+            started_cold = WORKER_MODULE in cmd and any(str(root) in c for c in cmd)
+            if started_cold or (proc.info["cwd"] or "").startswith(inside):
                 proc.kill()
 
 

@@ -613,3 +613,59 @@ def print_when_released(release_path, text, done_path):
     while not os.path.exists(done_path):
         time.sleep(0.02)
     return "done"
+
+
+def fingerprint():
+    """What makes a run's process what it is, to compare a forked run with a cold one."""
+    import os
+    import random
+    import signal
+    import sys
+    import threading
+
+    import numpy
+    import psutil
+    import torch
+
+    umask = os.umask(0)
+    os.umask(umask)
+    handlers = {}
+    for s in signal.Signals:
+        if s not in (signal.SIGKILL, signal.SIGSTOP):
+            h = signal.getsignal(s)
+            handlers[s.name] = getattr(h, "__qualname__", str(h))
+    parent = psutil.Process(os.getppid())
+    return {
+        "env": dict(os.environ),
+        "cwd": os.getcwd(),
+        "own_session": os.getsid(0) == os.getpid() == os.getpgid(0),
+        "umask": umask,
+        "nice": os.nice(0),
+        "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),
+        "stdout": os.readlink("/proc/self/fd/1"),
+        "stdin": os.readlink("/proc/self/fd/0"),
+        "threads": threading.active_count(),
+        "handlers": handlers,
+        "stdout_unbuffered": not sys.stdout.line_buffering and sys.stdout.write_through,
+        "parent": " ".join(parent.cmdline()),
+        "random": [random.random(), float(numpy.random.random()), float(torch.rand(1))],
+    }
+
+
+def leave_a_global():
+    """Leaves a module and a builtin behind, as careless user code might."""
+    import builtins
+    import sys
+    import types
+
+    sys.modules["cumulus_left_behind"] = types.ModuleType("cumulus_left_behind")
+    builtins.cumulus_left_behind = True
+    return "left"
+
+
+def find_the_global():
+    import builtins
+    import sys
+
+    found = "cumulus_left_behind" in sys.modules or hasattr(builtins, "cumulus_left_behind")
+    return "there" if found else "not there"

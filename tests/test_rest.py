@@ -328,9 +328,10 @@ async def test_cancel_right_after_submit_leaves_no_process_and_frees_the_share(
 
     def workers():
         found = []
-        for proc in psutil.process_iter(["cmdline"]):
+        for proc in psutil.process_iter(["cmdline", "cwd"]):
             cmd = proc.info["cmdline"] or []
-            if WORKER_MODULE in cmd and job_dir in cmd:
+            # Started cold, it names the directory; forked warm, it works in it.
+            if (WORKER_MODULE in cmd and job_dir in cmd) or proc.info["cwd"] == job_dir:
                 found.append(proc)
         return found
 

@@ -224,14 +224,14 @@ def exit_now(code: int) -> NoReturn:
 
     Tearing down an interpreter that loaded torch takes a noticeable part of a
     second, and the server counts a pause or a cancel done only when the
-    process is gone. What user code asked to run at exit still runs: the
-    ``atexit`` handlers (a logger flushing, a writer closing). A thread that is
-    not a daemon would keep a normal exit waiting for it, so with one still
-    running the exit is the normal one.
+    process is gone. What a normal exit does for user code still happens, in
+    its order: threads that are not daemons are waited for, then the
+    ``atexit`` handlers run (a logger flushing, a writer closing).
     """
     main_thread = threading.main_thread()
-    if any(t is not main_thread and t.is_alive() and not t.daemon for t in threading.enumerate()):
-        sys.exit(code)
+    for thread in threading.enumerate():
+        if thread is not main_thread and not thread.daemon:
+            thread.join()
     atexit._run_exitfuncs()
     with contextlib.suppress(Exception):  # a closed or broken stream changes nothing now
         sys.stdout.flush()

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Float, Integer, List, TraitError, Type, Unicode, default, validate
+from traitlets import Bool, Float, Integer, List, TraitError, Type, Unicode, default, validate
 
 from .._version import __version__
 from ..connection import TOKEN_ENV, URL_ENV
+from ..jobdir import shared_environment
 from .backends import Backend, LocalBackend
+from .backends.warm import WarmTemplate, default_preload
 from .gpu import detect_gpus
 from .handlers import handlers
 from .manager import JobManager
@@ -103,6 +106,23 @@ class CumulusApp(ExtensionApp):
                 )
         return devices
 
+    warm_workers = Bool(
+        True,
+        config=True,
+        help="Start runs by forking a warm template process of the server's Python that has "
+        "imported CumulusApp.preload already, instead of a cold interpreter (which imports "
+        "torch anew on every start and resume). A run whose interpreter or environment "
+        "differs from the template's starts cold.",
+    )
+    preload = List(
+        Unicode(),
+        default_value=None,
+        allow_none=True,
+        config=True,
+        help="Modules the warm template imports (default: torch, numpy and cloudpickle, "
+        "where installed).",
+    )
+
     manager: JobManager | None = None
 
     @classmethod
@@ -115,9 +135,14 @@ class CumulusApp(ExtensionApp):
 
     def initialize_settings(self) -> None:
         devices = detect_gpus() if self.gpus is None else list(self.gpus)
+        backend = self.backend_class()  # type: ignore[abstract]  # a concrete subclass
+        if self.warm_workers and isinstance(backend, LocalBackend):
+            preload = default_preload() if self.preload is None else list(self.preload)
+            backend.warm = WarmTemplate(sys.executable, preload, self.log)
+            backend.warm.prepare(shared_environment(os.environ))
         self.manager = JobManager(
             self.job_root,
-            backend=self.backend_class(),  # type: ignore[abstract]  # a concrete subclass
+            backend=backend,
             devices=devices,
             pause_timeout=self.pause_timeout,
             kill_grace=self.kill_grace,
@@ -152,6 +177,9 @@ class CumulusApp(ExtensionApp):
     async def stop_extension(self) -> None:
         if self.manager is not None:
             await self.manager.stop()
+            warm = getattr(self.manager.backend, "warm", None)
+            if warm is not None:
+                warm.close()
 
 
 main = launch_new_instance = CumulusApp.launch_instance

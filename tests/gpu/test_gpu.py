@@ -13,13 +13,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
+from conftest import _kill_leftover_jobs
 from servers import ServerProcess, wait_until
 
 from cumulus_jupyter.errors import CumulusError
-from cumulus_jupyter.jobdir import WORKER_MODULE
 from cumulus_jupyter.runtime.checkpointer import Checkpointer
 from cumulus_jupyter.runtime.persist import entry_hash, read_checkpoint
 from cumulus_jupyter.runtime.rng import capture_rng_state, restore_rng_state
@@ -147,11 +146,7 @@ def gpu_server(tmp_path_factory):
     srv.start()
     yield srv
     srv.stop()
-    for proc in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            cmd = proc.info["cmdline"] or []
-            if WORKER_MODULE in cmd and any(str(srv.job_root) in c for c in cmd):
-                proc.kill()
+    _kill_leftover_jobs(srv.job_root)
 
 
 @pytest.fixture

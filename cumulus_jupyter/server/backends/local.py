@@ -14,6 +14,7 @@ import psutil
 
 from ...jobdir import PAUSE_SIGNAL, start_worker
 from . import Backend, ProcessHandle
+from .warm import WarmTemplate
 
 # Two readings of one process's start time differ by rounding only.
 _START_TIME_TOLERANCE = 0.05
@@ -22,11 +23,21 @@ _START_TIME_TOLERANCE = 0.05
 class LocalBackend(Backend):
     """Runs each job as a subprocess of this host in its own session and process group."""
 
-    def __init__(self) -> None:
+    def __init__(self, warm: WarmTemplate | None = None) -> None:
+        #: Forks runs from a process that has imported torch already (None: every run cold).
+        self.warm = warm
         self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._forked: set[int] = set()  # runs the warm template started
         self._watched: dict[int, tuple[asyncio.AbstractEventLoop, int]] = {}  # pid -> pidfd
 
     def start(self, job_dir: Path, python: str, env: dict[str, str]) -> ProcessHandle:
+        pid = self.warm.fork(job_dir, python, env) if self.warm is not None else None
+        if pid is not None:
+            self._forked.add(pid)
+            try:
+                return ProcessHandle(pid, psutil.Process(pid).create_time())
+            except psutil.Error:
+                return ProcessHandle(pid, None)  # it already exited; is_alive will say so
         proc = start_worker(python, job_dir, env)
         self._children[proc.pid] = proc
         try:
@@ -64,6 +75,8 @@ class LocalBackend(Backend):
         return self._process(handle) is not None
 
     def exit_code(self, handle: ProcessHandle) -> int | None:
+        if handle.pid in self._forked and self.warm is not None:
+            return self.warm.exit_code(handle.pid)  # it reaps the run it forked
         child = self._children.get(handle.pid)
         if child is None:
             return None
@@ -119,6 +132,12 @@ class LocalBackend(Backend):
         return handle.create_time is not None and self._process(handle) is not None
 
     def cleanup(self, handle: ProcessHandle) -> None:
+        if handle.pid in self._forked:
+            self._forked.discard(handle.pid)
+            if self.warm is not None:
+                # Have the template reap it: a zombie would pass for a pid taken
+                # by another process, and the run's group would be spared.
+                self.warm.exit_code(handle.pid)
         # The main process is gone; stray members of its group (a DataLoader
         # worker, a subprocess the job started) must not keep GPU memory.
         child = self._children.get(handle.pid)

@@ -1,0 +1,149 @@
+"""A warm template of runs: a process that has imported what jobs import and forks each run.
+
+    python -m cumulus_jupyter.runtime.template SOCKET PRELOAD_JSON
+
+Started by the server (``CumulusApp.warm_workers``) with a job's environment
+minus what is particular to one run. It imports the modules of
+``PRELOAD_JSON`` and the worker, then answers one JSON line per connection on
+the unix socket ``SOCKET``:
+
+- ``{"op": "start", "job_dir": D, "env": {...}}``: forks a run of the job in
+  ``D`` with exactly that environment; answers ``{"pid": N}``;
+- ``{"op": "exit", "pid": N}``: the exit status of a run it forked, as
+  ``subprocess.Popen.returncode`` gives it, or ``null`` while it runs;
+- ``{"op": "ping"}``: ``{"pid", "rss", "version"}``.
+
+It never runs user code and never touches CUDA (a forked CUDA context is
+unusable), and it exits when the server that started it is gone. A forked run
+is made indistinguishable from a run started cold: its own session, the
+job's directory, environment and stdio, default signal dispositions, no
+inherited descriptors, and fresh seeds for every random generator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import random
+import select
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+_SIGNALS = [s for s in signal.Signals if s not in (signal.SIGKILL, signal.SIGSTOP)]
+
+
+def _become_run(job_dir: str, env: dict[str, str], defaults: dict[int, Any]) -> None:
+    """In the forked child: turn the template's copy into a fresh run, then run it."""
+    os.setsid()
+    for signum, handler in defaults.items():  # as a cold interpreter starts
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            signal.signal(signum, handler)
+    os.chdir(job_dir)
+    from ..jobdir import JobDir
+
+    stdin = os.open(os.devnull, os.O_RDONLY)
+    log = JobDir(job_dir).open_output()
+    os.dup2(stdin, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the socket, the connection, the rest
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv = [sys.argv[0], job_dir]
+    # Forked children share the template's generator states: draw new seeds.
+    random.seed()
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
+    if "torch" in sys.modules:
+        sys.modules["torch"].seed()
+    from .worker import exit_now, run
+
+    code = 1
+    try:
+        code = run(Path(job_dir))
+    finally:
+        exit_now(code)
+
+
+def _answer(conn: socket.socket, exits: dict[int, int], defaults: dict[int, Any]) -> None:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(1 << 16)
+        if not chunk:
+            return
+        data += chunk
+    request = json.loads(data)
+    op = request.get("op")
+    if op == "start":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _become_run(request["job_dir"], request["env"], defaults)
+            finally:
+                os._exit(1)  # never back into the template's loop
+        reply: dict[str, Any] = {"pid": pid}
+    elif op == "exit":
+        _reap(exits)
+        reply = {"status": exits.get(int(request["pid"]))}
+    else:
+        from .._version import __version__
+
+        reply = {"pid": os.getpid(), "rss": _rss(), "version": __version__}
+    conn.sendall(json.dumps(reply).encode() + b"\n")
+
+
+def _reap(exits: dict[int, int]) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        exits[pid] = os.waitstatus_to_exitcode(status)
+        if len(exits) > 10_000:  # nobody asked for the oldest: forget them
+            exits.pop(next(iter(exits)))
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def main(argv: list[str]) -> int:
+    path, preload = argv[0], json.loads(argv[1])
+    defaults: dict[int, Any] = {int(s): signal.getsignal(s) for s in _SIGNALS}
+    # Its own signals only now, after the defaults were noted: a stray Ctrl-C
+    # of the server's terminal must not end the template.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in preload:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    importlib.import_module("cumulus_jupyter.runtime.worker")
+    parent = os.getppid()
+    exits: dict[int, int] = {}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        server.bind(path)
+        server.listen(64)
+        print("ready", flush=True)
+        while os.getppid() == parent:  # the server is gone: so is its template
+            if select.select([server], [], [], 1.0)[0]:
+                conn, _ = server.accept()
+                with conn, contextlib.suppress(OSError, ValueError, KeyError):
+                    conn.settimeout(5.0)
+                    _answer(conn, exits, defaults)
+            _reap(exits)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,189 @@
+"""Warm starts: a template process per interpreter forks runs that have imported torch already.
+
+A cold run pays an interpreter start and a torch import (more than a second)
+on every start and every resume. :class:`WarmTemplate` keeps one process of
+the server's interpreter (:mod:`cumulus_jupyter.runtime.template`) that has
+imported what jobs import and forks each run on request. It is used only
+when it matches the run exactly: the same interpreter and the same
+environment apart from what is particular to one run; otherwise, or while it
+is starting, or after it died, the run starts cold and the template is
+started again in the background.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ...jobdir import RUN_ENV_KEYS
+
+_TIMEOUT = 5.0
+
+
+def environment_key(python: str, env: Mapping[str, str]) -> str:
+    """What a template must share with a run: its interpreter and the environment
+    without the run's own variables."""
+    shared = sorted((k, v) for k, v in env.items() if k not in RUN_ENV_KEYS)
+    return hashlib.sha256(json.dumps([python, shared]).encode()).hexdigest()
+
+
+class WarmTemplate:
+    """The template of one interpreter; every method is quick and never raises."""
+
+    def __init__(self, python: str, preload: list[str], log: logging.Logger | None = None):
+        self.python = python
+        self.preload = list(preload)
+        self.log = log or logging.getLogger("cumulus_jupyter")
+        # A short private path: a unix socket's name is limited to about 100 bytes.
+        self._dir = Path(tempfile.mkdtemp(prefix="cumulus-warm-"))
+        self._socket = self._dir / "template.sock"
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[str] | None = None
+        self._key: str | None = None
+        self._ready = False
+        self._starting = False
+        self._closed = False
+
+    # -- lifetime --------------------------------------------------------------------
+
+    def prepare(self, env: Mapping[str, str]) -> None:
+        """Start (or restart) the template for ``env`` in the background, unless it runs."""
+        key = environment_key(self.python, env)
+        with self._lock:
+            if self._closed or self._starting or (self._key == key and self._alive()):
+                return
+            self._starting = True
+        threading.Thread(
+            target=self._start, args=(dict(env), key), name="cumulus-warm-start", daemon=True
+        ).start()
+
+    def _start(self, env: dict[str, str], key: str) -> None:
+        try:
+            self.stop()
+            shared = {k: v for k, v in env.items() if k not in RUN_ENV_KEYS}
+            # Nothing in the template may see a GPU: each run sets its own devices.
+            shared.update(PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+            with self._lock:
+                if self._closed:
+                    return
+                # Registered at once, so that stop() and close() reach it while it starts.
+                self._proc = proc = subprocess.Popen(
+                    [
+                        self.python,
+                        "-m",
+                        "cumulus_jupyter.runtime.template",
+                        str(self._socket),
+                        json.dumps(self.preload),
+                    ],
+                    env=shared,
+                    cwd=self._dir,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                    text=True,
+                )
+                self._key = key
+            ready = proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            with self._lock:
+                self._ready = ready and self._proc is proc
+            if not ready and not self._closed:
+                self.log.warning("cumulus: the warm template did not start; runs start cold")
+        except OSError as e:
+            self.log.warning("cumulus: cannot start the warm template (%s); runs start cold", e)
+        finally:
+            with self._lock:
+                self._starting = False
+
+    def _alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self) -> None:
+        """End the template (the runs it forked go on: each has its own session)."""
+        with self._lock:
+            proc, self._proc, self._ready = self._proc, None, False
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+    def close(self) -> None:
+        """End the template for good (the server stops)."""
+        with self._lock:
+            self._closed = True
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    # -- requests -----------------------------------------------------------------------
+
+    def _ask(self, request: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(_TIMEOUT)
+                conn.connect(str(self._socket))
+                conn.sendall(json.dumps(request).encode() + b"\n")
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = conn.recv(1 << 16)
+                    if not chunk:
+                        return None
+                    data += chunk
+            answer = json.loads(data)
+            return answer if isinstance(answer, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def fork(self, job_dir: Path, python: str, env: Mapping[str, str]) -> int | None:
+        """The pid of a run forked for ``job_dir``, or None: start it cold then."""
+        if python != self.python:
+            return None
+        key = environment_key(python, env)
+        with self._lock:
+            usable = self._ready and self._key == key and self._alive()
+        if not usable:
+            self.prepare(env)  # for the next run
+            return None
+        answer = self._ask({"op": "start", "job_dir": str(job_dir), "env": dict(env)})
+        pid = answer.get("pid") if answer else None
+        if not isinstance(pid, int):
+            self.log.warning("cumulus: the warm template did not answer; starting cold")
+            self.stop()
+            self.prepare(env)
+            return None
+        return pid
+
+    def exit_code(self, pid: int) -> int | None:
+        """The exit status of a run the template forked (None if unknown or running)."""
+        answer = self._ask({"op": "exit", "pid": pid})
+        status = answer.get("status") if answer else None
+        return status if isinstance(status, int) else None
+
+    def usage(self) -> dict[str, Any] | None:
+        """The template's pid and memory (RSS bytes), or None when none runs."""
+        with self._lock:
+            if not (self._ready and self._alive()):
+                return None
+        answer = self._ask({"op": "ping"})
+        if not answer:
+            return None
+        return {"pid": answer.get("pid"), "rss": answer.get("rss"), "python": self.python}
+
+
+def default_preload() -> list[str]:
+    """What jobs usually import, where installed (``CumulusApp.preload``'s default)."""
+    import importlib.util
+
+    return [m for m in ("torch", "numpy", "cloudpickle") if importlib.util.find_spec(m)]
+
+
+__all__ = ["WarmTemplate", "default_preload", "environment_key"]

@@ -1,0 +1,127 @@
+"""Warm workers: runs forked from a template that imported torch are runs like any other."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import jobfuncs
+import psutil
+import pytest
+from conftest import serving
+from servers import ServerProcess, wait_until
+
+TEMPLATE = "cumulus_jupyter.runtime.template"
+#: Differ between any two jobs or servers, however a run starts.
+PER_JOB = {"CUMULUS_JOB_DIR", "CUMULUS_JOB_ID", "CUMULUS_SERVER_URL"}
+
+
+def run_environment(fingerprint: dict) -> dict:
+    """The run's environment, its own directory written as <job>."""
+    job_dir = fingerprint["env"]["CUMULUS_JOB_DIR"]
+    return {
+        k: v.replace(job_dir, "<job>") for k, v in fingerprint["env"].items() if k not in PER_JOB
+    }
+
+
+def templates(server: ServerProcess) -> list[psutil.Process]:
+    assert server.proc is not None
+    found = []
+    for proc in psutil.Process(server.proc.pid).children():
+        try:
+            if TEMPLATE in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def gone(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE  # dead, not yet reaped by the server
+    except psutil.NoSuchProcess:
+        return True
+
+
+def warm_client(server: ServerProcess):
+    """The server's client once its template is up, so the next run is forked."""
+    wait_until(lambda: templates(server), timeout=60, what="the warm template")
+    client = server.client()
+    # A run that finds the template not ready yet starts cold: warm it up.
+    wait_until(
+        lambda: TEMPLATE in client.run(jobfuncs.fingerprint, gpu_memory=0.1)["parent"],
+        timeout=60,
+        what="a forked run",
+    )
+    return client
+
+
+@pytest.fixture(scope="module")
+def warm_server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("warm")
+    with serving(ServerProcess(base, warm_workers=True)) as srv:
+        yield srv
+
+
+def test_a_forked_run_is_a_cold_run_but_for_its_parent(tmp_path):
+    """Environment, cwd, session, signals, descriptors, stdio, threads: all as a cold run's."""
+    prints = {}
+    for warm in (False, True):  # the same base directory, so the same server environment
+        with serving(ServerProcess(tmp_path, warm_workers=warm)) as srv:
+            client = warm_client(srv) if warm else srv.client()
+            prints[warm] = client.run(jobfuncs.fingerprint, gpu_memory=0.1)
+    cold, forked = prints[False], prints[True]
+    assert TEMPLATE in forked.pop("parent") and TEMPLATE not in cold.pop("parent")
+    del cold["random"], forked["random"]  # see the next test
+    # Each runs in its own job's directory, in the same job root.
+    assert Path(forked.pop("cwd")).parent == Path(cold.pop("cwd")).parent == tmp_path / "jobs"
+    assert run_environment(forked) == run_environment(cold)
+    for run in (cold, forked):  # stdout and stderr go to the run's own log
+        assert run.pop("stdout") == str(Path(run.pop("env")["CUMULUS_JOB_DIR"]) / "output.log")
+    assert forked == cold
+    assert forked["own_session"] and forked["threads"] == 1
+    assert forked["stdin"] == "/dev/null"
+
+
+def test_forked_runs_draw_their_own_random_numbers(warm_server):
+    client = warm_client(warm_server)
+    draws = [client.run(jobfuncs.fingerprint, gpu_memory=0.1) for _ in range(2)]
+    assert all(TEMPLATE in d["parent"] for d in draws)
+    a, b = (d["random"] for d in draws)
+    assert all(x != y for x, y in zip(a, b, strict=True)), (a, b)  # random, numpy, torch
+
+
+def test_a_run_leaves_nothing_behind_in_the_template(warm_server):
+    client = warm_client(warm_server)
+    assert client.run(jobfuncs.leave_a_global, gpu_memory=0.1) == "left"
+    assert client.run(jobfuncs.find_the_global, gpu_memory=0.1) == "not there"
+
+
+def test_a_killed_template_falls_back_to_a_cold_start(warm_server):
+    client = warm_client(warm_server)
+    for template in templates(warm_server):
+        template.send_signal(signal.SIGKILL)
+        wait_until(lambda t=template: gone(t), what="the template to die")
+    first = client.run(jobfuncs.fingerprint, gpu_memory=0.1)
+    assert TEMPLATE not in first["parent"]  # started cold, and it ran
+    warm_client(warm_server)  # a template is back, and forks runs again
+
+
+def test_a_server_killed_with_forked_runs_re_adopts_them(tmp_path):
+    srv = ServerProcess(tmp_path, warm_workers=True)
+    with serving(srv):
+        client = warm_client(srv)
+        release = tmp_path / "release"
+        job = client.run_async(jobfuncs.hold_until, args=[str(release)], gpu_memory=0.1)
+        wait_until(lambda: job.status() == "running", what="the forked job to run")
+        pid = job.info()["process"]["pid"]
+        assert TEMPLATE in " ".join(psutil.Process(pid).parent().cmdline())
+        srv.stop(signal.SIGKILL)
+        assert psutil.pid_exists(pid)  # it outlives the server and its template
+        srv.start()
+        client = srv.client()
+        job = client.get_job(job.id)
+        assert job.status() == "running" and job.info()["process"]["pid"] == pid
+        release.touch()
+        assert job.result(timeout=60) == "released"
+        assert job.status() == "completed"
