@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import signal
 from pathlib import Path
 
@@ -125,3 +127,28 @@ def test_a_server_killed_with_forked_runs_re_adopts_them(tmp_path):
         release.touch()
         assert job.result(timeout=60) == "released"
         assert job.status() == "completed"
+
+
+def test_gpus_reports_the_template_and_its_memory(warm_server):
+    warm_client(warm_server)
+    template = templates(warm_server)[0]
+    warm = warm_server.client()._json("GET", "gpus")["warm"]
+    assert warm["pid"] == template.pid and warm["rss"] > 0
+    assert "torch" in warm["preload"]
+
+
+def test_an_upgraded_package_makes_the_template_stale(warm_server):
+    """A file the template imported changed on disk: the next run starts cold, then a new
+    template (which imported the new code) forks runs again."""
+    client = warm_client(warm_server)
+    old = templates(warm_server)[0].pid
+    worker = Path(importlib.util.find_spec("cumulus_jupyter.runtime.worker").origin)
+    before = worker.stat()
+    try:
+        os.utime(worker, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+        run = client.run(jobfuncs.fingerprint, gpu_memory=0.1)
+        assert TEMPLATE not in run["parent"]  # not forked by the stale template
+        warm_client(warm_server)
+        assert [t.pid for t in templates(warm_server)] != [old]
+    finally:
+        os.utime(worker, ns=(before.st_atime_ns, before.st_mtime_ns))

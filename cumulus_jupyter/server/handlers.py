@@ -298,7 +298,8 @@ class GpusHandler(CumulusHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        self.reply({"gpus": self.manager.gpu_usage()})
+        warm = getattr(self.manager.backend, "warm", None)
+        self.reply({"gpus": self.manager.gpu_usage(), "warm": warm.usage() if warm else None})
 
 
 def handlers() -> list[tuple[str, type[CumulusHandler]]]:

@@ -13,8 +13,10 @@ started again in the background.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -24,16 +26,32 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from ...jobdir import RUN_ENV_KEYS
 
 _TIMEOUT = 5.0
 
 
-def environment_key(python: str, env: Mapping[str, str]) -> str:
-    """What a template must share with a run: its interpreter and the environment
-    without the run's own variables."""
+def environment_key(python: str, env: Mapping[str, str], code: list[Any] | None = None) -> str:
+    """What a template must share with a run: its interpreter, the environment
+    without the run's own variables, and the code it imported (``code``)."""
     shared = sorted((k, v) for k, v in env.items() if k not in RUN_ENV_KEYS)
-    return hashlib.sha256(json.dumps([python, shared]).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([python, shared, code]).encode()).hexdigest()
+
+
+def code_stamp(modules: list[str]) -> list[Any]:
+    """When the files of the worker and of ``modules`` last changed: an upgrade of
+    any of them (``pip install -U``) makes a template that imported them stale."""
+    stamp: list[Any] = []
+    for name in ["cumulus_jupyter.runtime.worker", *modules]:
+        try:
+            spec = importlib.util.find_spec(name)
+            origin = spec.origin if spec else None
+            stamp.append([name, os.stat(origin).st_mtime_ns if origin else None])
+        except (ImportError, ValueError, OSError):
+            stamp.append([name, None])
+    return stamp
 
 
 class WarmTemplate:
@@ -53,11 +71,14 @@ class WarmTemplate:
         self._starting = False
         self._closed = False
 
+    def _key_for(self, env: Mapping[str, str]) -> str:
+        return environment_key(self.python, env, code_stamp(self.preload))
+
     # -- lifetime --------------------------------------------------------------------
 
     def prepare(self, env: Mapping[str, str]) -> None:
         """Start (or restart) the template for ``env`` in the background, unless it runs."""
-        key = environment_key(self.python, env)
+        key = self._key_for(env)
         with self._lock:
             if self._closed or self._starting or (self._key == key and self._alive()):
                 return
@@ -96,7 +117,16 @@ class WarmTemplate:
             ready = proc.stdout is not None and proc.stdout.readline().strip() == "ready"
             with self._lock:
                 self._ready = ready and self._proc is proc
-            if not ready and not self._closed:
+            if ready:
+                usage = self.usage()
+                rss = usage["rss"] / 2**20 if usage else 0
+                self.log.info(
+                    "cumulus: warm template ready (pid %s, %.0f MiB, preloaded %s)",
+                    proc.pid,
+                    rss,
+                    ", ".join(self.preload) or "nothing",
+                )
+            elif not self._closed:
                 self.log.warning("cumulus: the warm template did not start; runs start cold")
         except OSError as e:
             self.log.warning("cumulus: cannot start the warm template (%s); runs start cold", e)
@@ -147,7 +177,7 @@ class WarmTemplate:
         """The pid of a run forked for ``job_dir``, or None: start it cold then."""
         if python != self.python:
             return None
-        key = environment_key(python, env)
+        key = self._key_for(env)
         with self._lock:
             usable = self._ready and self._key == key and self._alive()
         if not usable:
@@ -169,14 +199,16 @@ class WarmTemplate:
         return status if isinstance(status, int) else None
 
     def usage(self) -> dict[str, Any] | None:
-        """The template's pid and memory (RSS bytes), or None when none runs."""
+        """The template's pid, memory (RSS bytes) and what it imported; None when none is ready."""
         with self._lock:
-            if not (self._ready and self._alive()):
-                return None
-        answer = self._ask({"op": "ping"})
-        if not answer:
+            proc = self._proc if self._ready and self._alive() else None
+        if proc is None:
             return None
-        return {"pid": answer.get("pid"), "rss": answer.get("rss"), "python": self.python}
+        try:
+            rss = psutil.Process(proc.pid).memory_info().rss
+        except psutil.Error:
+            return None
+        return {"pid": proc.pid, "rss": rss, "python": self.python, "preload": self.preload}
 
 
 def default_preload() -> list[str]:
