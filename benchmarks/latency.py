@@ -161,15 +161,16 @@ def first_lines(client, job_id: str) -> list[float]:
     return [float(line.split()[1]) for line in text.splitlines() if line.startswith("first ")]
 
 
-def wait_for(predicate, timeout=120.0, interval=0.002):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError("benchmark step did not happen in time")
-        time.sleep(interval)
+def warm_template(server) -> dict | None:
+    """The server's warm template (``GET gpus``'s ``warm``), or None while none is ready."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(
+        server.url + "cumulus/api/gpus", headers={"Authorization": f"token {server.token}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        return json.loads(resp.read())["warm"]
 
 
 def process_gone(pid: int) -> bool:
@@ -184,7 +185,7 @@ def process_gone(pid: int) -> bool:
 def run(rounds: int, warm: bool) -> None:
     sys.path.insert(0, str(TESTS))  # the server launcher the tests use
     from conftest import _kill_leftover_jobs
-    from servers import ServerProcess
+    from servers import ServerProcess, wait_until
 
     config = {"warm_workers": True} if warm else {}
     server = ServerProcess(Path(tempfile.mkdtemp(prefix="cumulus-latency-")), **config).start()
@@ -197,25 +198,27 @@ def run(rounds: int, warm: bool) -> None:
     per_call: list[dict[str, float]] = []
     try:
         client = server.client()
-        # Not measured: the first job (with warm workers, the template starts with the server).
+        if warm:  # the template starts with the server: measure once it is ready
+            wait_until(lambda: warm_template(server), timeout=120, what="the warm template")
+        # Not measured: the first job.
         client.run(print_lines, args=(1, 0.0), gpu_memory=0.1)
         for _ in range(rounds):
             # submit -> first line; resume -> first line
             t0 = time.time()
             job = client.run_async(first_line_then_hold, gpu_memory=0.1)
-            printed = wait_for(lambda j=job: first_lines(client, j.id), interval=0.01)[0]
+            printed = wait_until(lambda j=job: first_lines(client, j.id), interval=0.01)[0]
             add("submit -> first line / cold import torch", printed - t0, cold_import_torch())
             job.pause()
             job.wait(timeout=60)
             t0 = time.time()
             job.resume()
-            printed = wait_for(lambda j=job: first_lines(client, j.id)[1:], interval=0.01)[0]
+            printed = wait_until(lambda j=job: first_lines(client, j.id)[1:], interval=0.01)[0]
             add("resume -> first line / cold import torch", printed - t0, cold_import_torch())
             job.cancel()
 
             # pause -> paused
             job = client.run_async(step_and_save, gpu_memory=0.1)
-            wait_for(lambda j=job: "ready" in j.logs(), interval=0.01)
+            wait_until(lambda j=job: "ready" in j.logs(), interval=0.01)
             t0 = time.perf_counter()
             job.pause()
             job.wait(timeout=60)
@@ -225,11 +228,13 @@ def run(rounds: int, warm: bool) -> None:
 
             # cancel -> cancelled, process gone
             job = client.run_async(first_line_then_hold, gpu_memory=0.1)
-            wait_for(lambda j=job: first_lines(client, j.id), interval=0.01)
+            wait_until(lambda j=job: first_lines(client, j.id), interval=0.01)
             pid = job.info()["process"]["pid"]
             t0 = time.perf_counter()
             job.cancel()
-            wait_for(lambda j=job, p=pid: j.status() == "cancelled" and process_gone(p))
+            wait_until(
+                lambda j=job, p=pid: j.status() == "cancelled" and process_gone(p), interval=0.002
+            )
             add(
                 "cancel -> cancelled (s) | cold teardown (s)",
                 time.perf_counter() - t0,

@@ -9,8 +9,11 @@ the unix socket ``SOCKET``:
 
 - ``{"op": "start", "job_dir": D, "env": {...}}``: forks a run of the job in
   ``D`` with exactly that environment; answers ``{"pid": N}``;
-- ``{"op": "exit", "pid": N}``: the exit status of a run it forked, as
-  ``subprocess.Popen.returncode`` gives it, or ``null`` while it runs;
+- ``{"op": "reap", "pid": N}``: once a run it forked has ended, kills what is
+  left of its process group (a DataLoader worker, say; exact, since the
+  group's id is reserved until the run is reaped), reaps it, and answers its
+  exit status as ``subprocess.Popen.returncode`` gives it; ``null`` while it
+  runs. Runs are reaped only so: the server asks for each run that ends;
 - ``{"op": "ping"}``: ``{"pid", "rss", "version"}``.
 
 It never runs user code and never touches CUDA (a forked CUDA context is
@@ -89,9 +92,8 @@ def _answer(conn: socket.socket, exits: dict[int, int], defaults: dict[int, Any]
             finally:
                 os._exit(1)  # never back into the template's loop
         reply: dict[str, Any] = {"pid": pid}
-    elif op == "exit":
-        _reap(exits)
-        reply = {"status": exits.get(int(request["pid"]))}
+    elif op == "reap":
+        reply = {"status": _reap(int(request["pid"]), exits)}
     else:
         from .._version import __version__
 
@@ -99,17 +101,22 @@ def _answer(conn: socket.socket, exits: dict[int, int], defaults: dict[int, Any]
     conn.sendall(json.dumps(reply).encode() + b"\n")
 
 
-def _reap(exits: dict[int, int]) -> None:
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        exits[pid] = os.waitstatus_to_exitcode(status)
-        if len(exits) > 10_000:  # nobody asked for the oldest: forget them
-            exits.pop(next(iter(exits)))
+def _reap(pid: int, exits: dict[int, int]) -> int | None:
+    """The exit status of run ``pid`` once it ended, its group killed and itself reaped."""
+    if pid in exits:
+        return exits[pid]
+    try:
+        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            return None  # still running
+    except ChildProcessError:
+        return None  # not a run of this template
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    exits[pid] = os.waitstatus_to_exitcode(status)
+    if len(exits) > 10_000:  # asked twice at most: forget the oldest
+        exits.pop(next(iter(exits)))
+    return exits[pid]
 
 
 def _rss() -> int:
@@ -141,7 +148,6 @@ def main(argv: list[str]) -> int:
                 with conn, contextlib.suppress(OSError, ValueError, KeyError):
                     conn.settimeout(5.0)
                     _answer(conn, exits, defaults)
-            _reap(exits)
     return 0
 
 

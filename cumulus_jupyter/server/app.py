@@ -139,7 +139,6 @@ class CumulusApp(ExtensionApp):
         if self.warm_workers and isinstance(backend, LocalBackend):
             preload = default_preload() if self.preload is None else list(self.preload)
             backend.warm = WarmTemplate(sys.executable, preload, self.log)
-            backend.warm.prepare(shared_environment(os.environ))
         self.manager = JobManager(
             self.job_root,
             backend=backend,
@@ -162,6 +161,11 @@ class CumulusApp(ExtensionApp):
         await super()._start_jupyter_server_extension(serverapp)
         self._export_connection(serverapp)
         assert self.manager is not None
+        warm = getattr(self.manager.backend, "warm", None)
+        if warm is not None:
+            # Now, not earlier: runs inherit the connection just exported, and a
+            # template with another environment would not be used.
+            warm.prepare(shared_environment(os.environ))
         await self.manager.start()
 
     def _export_connection(self, serverapp: Any) -> None:

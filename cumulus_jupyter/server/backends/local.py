@@ -76,7 +76,7 @@ class LocalBackend(Backend):
 
     def exit_code(self, handle: ProcessHandle) -> int | None:
         if handle.pid in self._forked and self.warm is not None:
-            return self.warm.exit_code(handle.pid)  # it reaps the run it forked
+            return self.warm.reap(handle.pid)  # the template is its parent
         child = self._children.get(handle.pid)
         if child is None:
             return None
@@ -134,10 +134,10 @@ class LocalBackend(Backend):
     def cleanup(self, handle: ProcessHandle) -> None:
         if handle.pid in self._forked:
             self._forked.discard(handle.pid)
-            if self.warm is not None:
-                # Have the template reap it: a zombie would pass for a pid taken
-                # by another process, and the run's group would be spared.
-                self.warm.exit_code(handle.pid)
+            # Its parent, the template, kills the rest of its group and reaps it;
+            # without an answer (the template died), look for its group below.
+            if self.warm is not None and self.warm.reap(handle.pid) is not None:
+                return
         # The main process is gone; stray members of its group (a DataLoader
         # worker, a subprocess the job started) must not keep GPU memory.
         child = self._children.get(handle.pid)

@@ -192,9 +192,10 @@ class WarmTemplate:
             return None
         return pid
 
-    def exit_code(self, pid: int) -> int | None:
-        """The exit status of a run the template forked (None if unknown or running)."""
-        answer = self._ask({"op": "exit", "pid": pid})
+    def reap(self, pid: int) -> int | None:
+        """Once a run the template forked has ended: its exit status, with what was left
+        of its process group killed and the run reaped (None while it runs, or unknown)."""
+        answer = self._ask({"op": "reap", "pid": pid})
         status = answer.get("status") if answer else None
         return status if isinstance(status, int) else None
 
