@@ -42,6 +42,8 @@ class JobState(str, Enum):
 
 #: A process exists (or is about to) for jobs in these states.
 ACTIVE = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.PAUSING})
+#: A run's process exists (or did until the server notices it ended).
+RUNNING_STATES = frozenset({JobState.RUNNING, JobState.PAUSING})
 #: States a job can be resumed from: it stopped with its checkpoints kept.
 RESUMABLE = frozenset({JobState.PAUSED, JobState.TIMED_OUT, JobState.LOST})
 #: States no operation leaves, except forgetting the job.

@@ -13,8 +13,7 @@ the unix socket ``SOCKET``:
   left of its process group (a DataLoader worker, say; exact, since the
   group's id is reserved until the run is reaped), reaps it, and answers its
   exit status as ``subprocess.Popen.returncode`` gives it; ``null`` while it
-  runs. Runs are reaped only so: the server asks for each run that ends;
-- ``{"op": "ping"}``: ``{"pid", "rss", "version"}``.
+  runs. Runs are reaped only so: the server asks for each run that ends.
 
 It never runs user code and never touches CUDA (a forked CUDA context is
 unusable), and it exits when the server that started it is gone. A forked run
@@ -95,9 +94,7 @@ def _answer(conn: socket.socket, exits: dict[int, int], defaults: dict[int, Any]
     elif op == "reap":
         reply = {"status": _reap(int(request["pid"]), exits)}
     else:
-        from .._version import __version__
-
-        reply = {"pid": os.getpid(), "rss": _rss(), "version": __version__}
+        reply = {"error": f"unknown op {op!r}"}
     conn.sendall(json.dumps(reply).encode() + b"\n")
 
 
@@ -117,11 +114,6 @@ def _reap(pid: int, exits: dict[int, int]) -> int | None:
     if len(exits) > 10_000:  # asked twice at most: forget the oldest
         exits.pop(next(iter(exits)))
     return exits[pid]
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def main(argv: list[str]) -> int:

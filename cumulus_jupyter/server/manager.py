@@ -24,7 +24,7 @@ from typing import Any
 from ..errors import InvalidStateError, JobNotFoundError
 from ..jobdir import job_environment
 from ..manifest import CheckpointIndex
-from ..states import RESUMABLE, Action, JobState, can_transition, end_state, refusal
+from ..states import RESUMABLE, RUNNING_STATES, Action, JobState, can_transition, end_state, refusal
 from .backends import Backend, LocalBackend
 from .gpu import ShareLedger
 from .monitor import Escalation, Monitor, end_message
@@ -73,7 +73,7 @@ class JobManager:
             if job.damaged:
                 # Reported, not skipped: the user sees it and can delete it.
                 self.log.error("cumulus: job %s: %s", job_id, job.message)
-            elif job.state in (JobState.RUNNING, JobState.PAUSING):
+            elif job.state in RUNNING_STATES:
                 handle = job.handle
                 if handle is not None and self.backend.adopt(handle):
                     self.ledger.take(job_id, job.device or "", job.gpu_memory)
@@ -198,7 +198,7 @@ class JobManager:
         if job.cancelling and not job.damaged:
             return self.public(job_id)  # asked already: the process is on its way out
         self._allow(Action.CANCEL, job)
-        if job.state not in (JobState.RUNNING, JobState.PAUSING):
+        if job.state not in RUNNING_STATES:
             self.set_state(job, JobState.CANCELLED, "cancelled")  # no process to stop
             return self.public(job_id)
         self.store.dir(job_id).write_control(cancel=True)
@@ -355,7 +355,7 @@ class JobManager:
         handle = job.handle
         if (
             self.jobs.get(job.id) is job
-            and job.state in (JobState.RUNNING, JobState.PAUSING)
+            and job.state in RUNNING_STATES
             and handle is not None
             and not self.backend.is_alive(handle)
         ):
@@ -420,7 +420,3 @@ class JobManager:
         job.escalation = signal
         job.escalated_at = time.time()
         self.save(job)
-
-    def tick(self) -> None:
-        """One pass of the monitor (tests and tools call it to act at once)."""
-        self.monitor.tick()

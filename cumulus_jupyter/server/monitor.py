@@ -14,7 +14,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Literal
 
-from ..states import JobState
+from ..states import RUNNING_STATES, JobState
 from .record import JobRecord
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ class Monitor:
         now = time.time()
         ended = False
         for job in list(manager.jobs.values()):
-            if job.state not in (JobState.RUNNING, JobState.PAUSING):
+            if job.state not in RUNNING_STATES:
                 continue
             handle = job.handle
             if handle is None or not manager.backend.is_alive(handle):

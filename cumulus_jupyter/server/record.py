@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..spec import SpecError, parse_gpu_memory
-from ..states import ACTIVE, Action, JobState, actions
+from ..states import ACTIVE, RUNNING_STATES, Action, JobState, actions
 from .backends import ProcessHandle
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ class JobRecord:
         """Seconds the current run has been running, or the last run ran."""
         if not self.started:
             return None
-        end = None if self.state in (JobState.RUNNING, JobState.PAUSING) else self.ended
+        end = None if self.state in RUNNING_STATES else self.ended
         return round((end or now) - self.started, 3)
 
     # -- JSON ------------------------------------------------------------------------
