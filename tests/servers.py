@@ -105,8 +105,16 @@ class ServerProcess:
 
     def start(self, timeout: float = 60) -> ServerProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the server owns it until stop()
+        # In a session of its own, as a server started as a service is: with
+        # autogroup scheduling the clients driving it (tests, benchmarks) then
+        # do not share its part of the CPU.
         self.proc = subprocess.Popen(
-            self.argv(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(), cwd=self.base
+            self.argv(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.environment(),
+            cwd=self.base,
+            start_new_session=True,
         )
         log.close()
         wait_until(self._ready, timeout=timeout, what=f"the server on port {self.port}")

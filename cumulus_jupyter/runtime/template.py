@@ -118,6 +118,10 @@ def _reap(pid: int, exits: dict[int, int]) -> int | None:
 
 def main(argv: list[str]) -> int:
     path, preload = argv[0], json.loads(argv[1])
+    from .worker import lower_priority
+
+    # A burst of submits is a burst of forks here: below the server, as runs are.
+    lower_priority(int(argv[2]) if len(argv) > 2 else 0)
     defaults: dict[int, Any] = {int(s): signal.getsignal(s) for s in _SIGNALS}
     # Its own signals only now, after the defaults were noted: a stray Ctrl-C
     # of the server's terminal must not end the template.

@@ -138,7 +138,7 @@ class CumulusApp(ExtensionApp):
         backend = self.backend_class()  # type: ignore[abstract]  # a concrete subclass
         if self.warm_workers and isinstance(backend, LocalBackend):
             preload = default_preload() if self.preload is None else list(self.preload)
-            backend.warm = WarmTemplate(sys.executable, preload, self.log)
+            backend.warm = WarmTemplate(sys.executable, preload, self.log, nice=self.job_nice)
         self.manager = JobManager(
             self.job_root,
             backend=backend,

@@ -147,6 +147,7 @@ class JobHandler(CumulusHandler):
     async def delete(self, job_id: str) -> None:
         with self.errors():
             self.manager.forget(job_id)
+            await self.manager.settled(job_id)  # the directory is gone
         self.set_status(204)
         self.finish()
 
@@ -157,7 +158,9 @@ class PauseHandler(CumulusHandler):
     async def post(self, job_id: str) -> None:
         with self.errors():
             self.body()  # an empty or JSON body; nothing in it is needed
-            self.reply(self.manager.pause(job_id))
+            job = self.manager.pause(job_id)
+            await self.manager.settled(job_id)
+        self.reply(job)
 
 
 class ResumeHandler(CumulusHandler):
@@ -165,7 +168,9 @@ class ResumeHandler(CumulusHandler):
     @authorized("execute")
     async def post(self, job_id: str) -> None:
         with self.errors():
-            self.reply(self.manager.resume(job_id, parse_resume(self.body())))
+            job = self.manager.resume(job_id, parse_resume(self.body()))
+            await self.manager.settled(job_id)
+        self.reply(job)
 
 
 class CancelHandler(CumulusHandler):
@@ -174,7 +179,9 @@ class CancelHandler(CumulusHandler):
     async def post(self, job_id: str) -> None:
         with self.errors():
             self.body()
-            self.reply(self.manager.cancel(job_id))
+            job = self.manager.cancel(job_id)
+            await self.manager.settled(job_id)
+        self.reply(job)
 
 
 class ResultHandler(CumulusHandler):
@@ -197,6 +204,8 @@ class ResultHandler(CumulusHandler):
                     self.reply(self.manager.public(job_id), status=202)
                     return
                 await self.manager.wait_for_change(job_id, left)
+            # The outcome is final: so is the record on disk when the caller hears of it.
+            await self.manager.settled(job_id)
             job = self.manager.get(job_id)
             # A cancelled run's outcome is not a result, whatever it left behind.
             cancelled = job.state is JobState.CANCELLED

@@ -5,7 +5,8 @@ a job's state, always through :meth:`JobManager.set_state`, so
 :mod:`cumulus_jupyter.states` decides what is legal. Each operation checks
 and changes the record synchronously (two requests on one job never
 interleave); what takes time happens off the loop: the durable write of a
-new job and the start of a run's process run in threads. A
+new job, the start of a run's process and the collection of an ended run
+(its exit status, what is left of its process group) run in threads. A
 :class:`~.monitor.Monitor` reports ended runs, reached duration limits and
 unanswered pauses; admission hands the oldest queued job a GPU share.
 """
@@ -22,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidStateError, JobNotFoundError
-from ..jobdir import job_environment
+from ..jobdir import JobDir, job_environment
 from ..manifest import CheckpointIndex
 from ..states import RESUMABLE, RUNNING_STATES, Action, JobState, can_transition, end_state, refusal
-from .backends import Backend, LocalBackend
+from .backends import Backend, LocalBackend, ProcessHandle
 from .gpu import ShareLedger
 from .monitor import Escalation, Monitor, end_message
 from .record import JobRecord
@@ -62,6 +63,7 @@ class JobManager:
         self.monitor = Monitor(self, self.log)
         self._changed: dict[str, asyncio.Event] = {}
         self._starting: set[str] = set()  # queued jobs whose run's process is being started
+        self._finishing: set[str] = set()  # jobs whose ended run is being collected
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- start / stop ----------------------------------------------------------
@@ -91,6 +93,7 @@ class JobManager:
         """Stop watching. Jobs keep running and are re-adopted at the next start."""
         await self.monitor.stop()
         self.backend.unwatch_all()
+        await asyncio.to_thread(self.store.writer.drain)  # the last records land
 
     # -- queries ---------------------------------------------------------------
 
@@ -143,7 +146,7 @@ class JobManager:
         job = self.get(job_id)
         self._allow(Action.PAUSE, job)
         files = self.store.dir(job_id)
-        files.write_control(pause=True, reason=reason, requested=time.time())
+        self.store.write_control(job_id, pause=True, reason=reason, requested=time.time())
         job.pause_requested = time.time()
         job.pause_reason = reason
         message = "duration limit reached, pausing" if reason == "duration" else "pausing"
@@ -178,8 +181,8 @@ class JobManager:
                 checkpoint = job.resume_checkpoint
         if request.duration is not None:
             job.duration = request.duration
-        self.store.dir(job_id).write_control(
-            pause=False, cancel=False, reason=None, resume_checkpoint=checkpoint
+        self.store.write_control(
+            job_id, pause=False, cancel=False, reason=None, resume_checkpoint=checkpoint
         )
         if checkpoint is None or checkpoint != job.resume_checkpoint:
             job.resume_requested = time.time()
@@ -201,7 +204,7 @@ class JobManager:
         if job.state not in RUNNING_STATES:
             self.set_state(job, JobState.CANCELLED, "cancelled")  # no process to stop
             return self.public(job_id)
-        self.store.dir(job_id).write_control(cancel=True)
+        self.store.write_control(job_id, cancel=True)
         job.cancel_requested = job.escalated_at = time.time()
         job.escalation = "sigterm"
         job.message = "cancelling"
@@ -261,14 +264,23 @@ class JobManager:
     # -- state changes -------------------------------------------------------------------
 
     def save(self, job: JobRecord) -> None:
-        """Write the record and wake whoever waits for it to change."""
-        try:
-            self.store.write_record(job.id, job.to_json())
-        except OSError as e:  # e.g. disk full: keep serving, say so in the record
-            note = f"could not save the job record: {e.strerror or e}"
-            job.message = f"{job.message} ({note})" if job.message else note
-            self.log.error("cumulus: could not write the record of job %s: %s", job.id, e)
+        """Have the record written and wake whoever waits for it to change."""
+        self.store.write_record(
+            job.id, job.to_json(), on_error=functools.partial(self._not_saved, job)
+        )
         self._notify(job.id)
+
+    def _not_saved(self, job: JobRecord, error: OSError) -> None:
+        """The record could not be written (e.g. disk full): keep serving, say so in it."""
+        note = f"could not save the job record: {error.strerror or error}"
+        if note not in job.message:
+            job.message = f"{job.message} ({note})" if job.message else note
+        self.log.error("cumulus: could not write the record of job %s: %s", job.id, error)
+        self._notify(job.id)
+
+    async def settled(self, job_id: str) -> None:
+        """Return once what was changed for ``job_id`` so far is on disk."""
+        await self.store.settled(job_id)
 
     def set_state(self, job: JobRecord, new: JobState, message: str) -> None:
         """The one way a job changes state: legal transitions only (see states.py)."""
@@ -310,7 +322,8 @@ class JobManager:
     async def _start_run(self, job: JobRecord, device: str) -> None:
         files = self.store.dir(job.id)
         run = job.run + 1
-        files.clear_result()
+        # The run reads control.json (which checkpoint to resume from) first thing.
+        await self.store.settled(job.id)
         env = job_environment(
             os.environ,
             files.path,
@@ -322,7 +335,7 @@ class JobManager:
             nice=self.job_nice,
         )
         try:
-            handle = await asyncio.to_thread(self.backend.start, files.path, job.python, env)
+            handle = await asyncio.to_thread(self._start_process, files, job.python, env)
         except OSError as e:
             self._starting.discard(job.id)
             self.ledger.release(job.id)
@@ -331,14 +344,15 @@ class JobManager:
                 self.set_state(job, JobState.FAILED, f"could not start the job process: {e}")
             self.admit()
             return
-        self._starting.discard(job.id)
         if self.jobs.get(job.id) is not job or job.state is not JobState.QUEUED:
-            # Cancelled while its process was starting: that process goes too.
-            self.backend.kill(handle)
-            self.backend.cleanup(handle)
+            # Cancelled while its process was starting: that process goes too
+            # (in a thread: a forked run is reaped by the busy template).
+            await asyncio.to_thread(self._discard_process, handle)
+            self._starting.discard(job.id)
             self.ledger.release(job.id)
             self.admit()
             return
+        self._starting.discard(job.id)
         now = time.time()
         job.run = run
         job.device = device
@@ -350,6 +364,14 @@ class JobManager:
         self.set_state(job, JobState.RUNNING, "running")
         self.backend.watch(handle, functools.partial(self._run_ended, job))
 
+    def _start_process(self, files: JobDir, python: str, env: dict[str, str]) -> ProcessHandle:
+        files.clear_result()  # the last run's outcome is not this one's
+        return self.backend.start(files.path, python, env)
+
+    def _discard_process(self, handle: ProcessHandle) -> None:
+        self.backend.kill(handle)
+        self.backend.cleanup(handle)
+
     def _run_ended(self, job: JobRecord) -> None:
         """The backend saw the run's process end: record it now, not at the next tick."""
         handle = job.handle
@@ -359,16 +381,54 @@ class JobManager:
             and handle is not None
             and not self.backend.is_alive(handle)
         ):
-            self.finish(job.id)
+            self.finish_soon(job.id)
+
+    def finishing(self, job_id: str) -> bool:
+        """Whether the job's ended run is being collected (its end is recorded next)."""
+        return job_id in self._finishing
+
+    def finish_soon(self, job_id: str) -> None:
+        """The run's process has ended: collect it in a thread, then record how and admit.
+
+        Collecting can wait: a run forked by the warm template is reaped by
+        the template, which answers after the forks queued before the
+        question (a burst of submits queues dozens). Every other request
+        would wait as long if that happened on the event loop.
+        """
+        if job_id in self._finishing:
+            return
+        job = self.jobs[job_id]
+        self._finishing.add(job_id)
+
+        async def collect_then_record() -> None:
+            try:
+                exit_code = await asyncio.to_thread(self._collect, job)
+            finally:
+                self._finishing.discard(job_id)
+            if self.jobs.get(job_id) is job and job.state in RUNNING_STATES:
+                self._record_end(job, exit_code)
             self.admit()
 
+        task = asyncio.get_running_loop().create_task(collect_then_record())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def finish(self, job_id: str) -> None:
-        """The run's process has ended: record how, free its share."""
+        """The run's process has ended: record how, free its share (here and now)."""
         job = self.jobs[job_id]
+        self._record_end(job, self._collect(job))
+
+    def _collect(self, job: JobRecord) -> int | None:
+        """The ended run's exit status, with what was left of its process group removed."""
         handle = job.handle
-        exit_code = self.backend.exit_code(handle) if handle else None
-        if handle is not None:
-            self.backend.cleanup(handle)
+        if handle is None:
+            return None
+        exit_code = self.backend.exit_code(handle)
+        self.backend.cleanup(handle)
+        return exit_code
+
+    def _record_end(self, job: JobRecord, exit_code: int | None) -> None:
+        job_id = job.id
         reported = self.store.dir(job_id).read_state()
         outcome = None
         if reported.get("run") == job.run:

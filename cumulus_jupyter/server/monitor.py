@@ -128,22 +128,18 @@ class Monitor:
         """One look at every running job: ended, out of time, overdue to stop."""
         manager = self.manager
         now = time.time()
-        ended = False
         for job in list(manager.jobs.values()):
-            if job.state not in RUNNING_STATES:
+            if job.state not in RUNNING_STATES or manager.finishing(job.id):
                 continue
             handle = job.handle
             if handle is None or not manager.backend.is_alive(handle):
-                manager.finish(job.id)
-                ended = True
+                manager.finish_soon(job.id)  # admits once the share is free
                 continue
             if duration_reached(job, now):
                 manager.pause(job.id, reason="duration")
             signal = escalation_due(job, now, manager.pause_timeout, manager.kill_grace)
             if signal is not None:
                 manager.escalate(job.id, signal)
-        if ended:
-            manager.admit()
 
     async def _loop(self) -> None:
         while True:

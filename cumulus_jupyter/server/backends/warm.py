@@ -57,9 +57,17 @@ def code_stamp(modules: list[str]) -> list[Any]:
 class WarmTemplate:
     """The template of one interpreter; every method is quick and never raises."""
 
-    def __init__(self, python: str, preload: list[str], log: logging.Logger | None = None):
+    def __init__(
+        self,
+        python: str,
+        preload: list[str],
+        log: logging.Logger | None = None,
+        nice: int = 0,
+    ):
         self.python = python
         self.preload = list(preload)
+        #: The template's niceness, the runs' too: its forks must not slow the server.
+        self.nice = nice
         self.log = log or logging.getLogger("cumulus_jupyter")
         # A short private path: a unix socket's name is limited to about 100 bytes.
         self._dir = Path(tempfile.mkdtemp(prefix="cumulus-warm-"))
@@ -104,6 +112,7 @@ class WarmTemplate:
                         "cumulus_jupyter.runtime.template",
                         str(self._socket),
                         json.dumps(self.preload),
+                        str(self.nice),
                     ],
                     env=shared,
                     cwd=self._dir,
