@@ -21,10 +21,17 @@ training; the asynchronous save's writer is one more thread (a Python thread
 in the same process), and the raw-write baseline runs in a thread of its own
 too. Goals (the project's checkpoint issue):
 
-- async save, time training is blocked / plain torch.save + fsync     <= 0.10
+- async save, time training is blocked / plain torch.save + fsync     <= 0.05
 - persist bandwidth / raw write + fsync of the same bytes             >= 0.80
 - training steps/s inside the persist window / steps/s without        >= 0.85
 - verified read / torch.load(mmap=True) of the same file              <= 1.00
+
+"Training is blocked" runs from the call of ``save`` until the device
+has done what it was given (``torch.cuda.synchronize()`` where the state is
+on a GPU): the copies of CUDA tensors are queued on a side stream that the
+training's stream waits for, so ``save`` returns before they are done, and
+the next step waits for them instead. Both sides of that ratio start with
+the device idle.
 
 "Inside the persist window" counts only the training steps that ended while
 the background write was still running, over the time they took.
@@ -68,6 +75,12 @@ def idle_rate(train: Callable[[], None], steps: int) -> float:
     for _ in range(steps):
         train()
     return steps / (time.perf_counter() - t)
+
+
+def settle() -> None:
+    """Wait until the GPU (if training uses one) has done all it was given."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -139,6 +152,7 @@ def main() -> None:
             ckpt.index.remove(entry["name"])
 
     def plain_save() -> None:
+        settle()
         path = next_file("plain")
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
         fd = os.open(path, os.O_RDONLY)
@@ -159,8 +173,10 @@ def main() -> None:
     numbers = iter(range(10**6))
 
     def async_save_idle() -> tuple[float, float]:
+        settle()
         t = time.perf_counter()
         ckpt.save(model, optimizer, 0, next(numbers), blocking=False)
+        settle()  # the GPU's copies are part of what training waits for
         blocked = time.perf_counter() - t
         ckpt.wait()
         return blocked, time.perf_counter() - t - blocked
@@ -305,7 +321,7 @@ def main() -> None:
     print()
     # (label, per-round ratio, goal, limit); None: no goal, shown for information.
     ratios = [
-        ("async blocked / plain torch.save+fsync", "r blocked", "<= 0.10", 0.10),
+        ("async blocked / plain torch.save+fsync", "r blocked", "<= 0.05", 0.05),
         ("persist bandwidth / raw write bandwidth", "r bandwidth", ">= 0.80", 0.80),
         ("steps/s inside persist window / idle", "r rate", ">= 0.85", 0.85),
         ("verified read / torch.load(mmap=True)", "r read", "<= 1.00", 1.00),

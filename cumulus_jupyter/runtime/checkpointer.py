@@ -6,7 +6,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -24,6 +24,7 @@ from .persist import (
     read_checkpoint,
     read_newest_good,
     snapshot,
+    snapshot_for_write,
 )
 from .reporting import last_reported
 from .retention import Retention
@@ -69,7 +70,8 @@ class Checkpointer:
     the one a resume asked for are never deleted.
 
     ``blocking=False`` makes saves asynchronous by default: training waits
-    only for a copy of the state in CPU memory.
+    only for a copy of the state in CPU memory (for CUDA tensors, not even
+    that: they are copied on a side stream that training's stream waits for).
 
     Example, exact resume with :meth:`loop`::
 
@@ -204,9 +206,10 @@ class Checkpointer:
         """Save a checkpoint and return its path.
 
         With ``blocking=False`` (or the Checkpointer's default) this returns
-        once the state is copied to CPU memory; the file is written beside
-        training (one save at a time: the next save, :meth:`wait`, and the
-        job's pause or exit wait for it). A crash at any moment leaves the
+        once the state's CPU tensors are copied and its CUDA tensors' copies
+        are queued (the device runs them before anything queued later); the
+        file is written beside training (one save at a time: the next save,
+        :meth:`wait`, and the job's pause or exit wait for it). A crash at any moment leaves the
         previous checkpoints intact and no partial file listed.
 
         ``global_step`` is the number of batches done over all epochs, the
@@ -249,11 +252,11 @@ class Checkpointer:
         if blocking:
             self._persist(state, name, final, entry_metrics)
         else:
-            state = snapshot(state, self._staging)
+            state, ready = snapshot_for_write(state, self._staging)
             self._staging = state
             self._pending = threading.Thread(
                 target=self._persist_in_background,
-                args=(state, name, final, entry_metrics),
+                args=(state, ready, name, final, entry_metrics),
                 name=f"cumulus-save-{name}",
                 daemon=True,
             )
@@ -268,12 +271,18 @@ class Checkpointer:
         self._apply_retention()
 
     def _persist_in_background(
-        self, state: dict[str, Any], name: str, final: Path, metrics: dict[str, Any]
+        self,
+        state: dict[str, Any],
+        ready: Callable[[], None],
+        name: str,
+        final: Path,
+        metrics: dict[str, Any],
     ) -> None:
         # No lower priority for this thread: measured, a niced writer persists
         # about half as fast (nice also lowers its I/O priority) and training
         # gains nothing it can measure (benchmarks/checkpoint.py).
         try:
+            ready()  # the copies from the GPU have landed
             self._persist(state, name, final, metrics)
         except BaseException as e:  # handed to the training thread by wait()
             self._pending_error = e

@@ -3,7 +3,8 @@
 A save is two steps, so the slow one can run beside training:
 
 1. *snapshot*: copy the state to CPU memory (the only part training waits
-   for when saving asynchronously);
+   for when saving asynchronously; CUDA tensors are copied on a side stream
+   that the training's stream waits for, so not even that);
 2. *persist*: serialise to a temporary file in the same directory, fsync it,
    rename it into place, fsync the directory, then list it in the manifest.
 
@@ -21,7 +22,7 @@ import contextlib
 import os
 import pickle
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,32 +73,122 @@ def snapshot(obj: Any, staging: Any = None) -> Any:
     its tensors are reused when shapes match, because copying into memory
     that is already mapped is several times faster than into fresh pages.
     """
-    if isinstance(obj, torch.Tensor):
-        src = obj.detach()
-        if (
+    copier = _Copier(background=False)
+    with copier.all_cores():
+        return copier.tree(obj, staging)
+
+
+def snapshot_for_write(obj: Any, staging: Any = None) -> tuple[Any, Callable[[], None]]:
+    """Like :func:`snapshot`, for a background write: the copy and a ``ready`` to call.
+
+    CPU tensors are copied before this returns, with every core this process
+    may use (training waits for this part, so it may as well be short). CUDA
+    tensors are copied into pinned host buffers on a side stream of their
+    device, and this returns once those copies are queued: the device's
+    current stream waits for them before any later work (so nothing the
+    training does next can change a tensor before it is copied), and the
+    writer calls ``ready()`` before it reads the copy.
+    """
+    copier = _Copier(background=True)
+    with copier.all_cores():
+        copy = copier.tree(obj, staging)
+    return copy, copier.queued()
+
+
+# One side stream per CUDA device for the copies of asynchronous saves.
+_COPY_STREAMS: dict[Any, Any] = {}
+
+
+class _Copier:
+    """Copies a state's tensors to CPU memory, reusing a previous copy's buffers."""
+
+    def __init__(self, background: bool):
+        self.background = background
+        self._streams: dict[Any, Any] = {}  # device -> side stream used by this copy
+
+    @contextlib.contextmanager
+    def all_cores(self) -> Iterator[None]:
+        """Copy with every core the process may use (torch's copy is parallel, memory-bound)."""
+        before = torch.get_num_threads()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+        more = cores > before
+        if more:
+            torch.set_num_threads(cores)
+        try:
+            yield
+        finally:
+            if more:
+                torch.set_num_threads(before)
+
+    def tree(self, obj: Any, staging: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return self.tensor(obj.detach(), staging)
+        if isinstance(obj, dict):
+            previous = staging if isinstance(staging, dict) else {}
+            copied = {k: self.tree(v, previous.get(k)) for k, v in obj.items()}
+            if type(obj) is dict:
+                return copied
+            # A module's state dict is an OrderedDict whose _metadata (versions)
+            # load_state_dict reads.
+            out = type(obj)(copied)
+            if hasattr(obj, "_metadata"):
+                out._metadata = obj._metadata  # type: ignore[attr-defined]
+            return out
+        if isinstance(obj, list | tuple):
+            same = isinstance(staging, list | tuple) and len(staging) == len(obj)
+            old = staging if same else None
+            items = [self.tree(v, old[i] if old else None) for i, v in enumerate(obj)]
+            return items if isinstance(obj, list) else tuple(items)
+        return obj
+
+    def tensor(self, src: torch.Tensor, staging: Any) -> torch.Tensor:
+        side = self.background and src.is_cuda
+        reusable = (
             isinstance(staging, torch.Tensor)
             and staging.shape == src.shape
             and staging.dtype == src.dtype
             and staging.is_contiguous()
-        ):
-            return staging.copy_(src)
-        return src.to("cpu", copy=True)
-    if isinstance(obj, dict):
-        previous = staging if isinstance(staging, dict) else {}
-        copied = {k: snapshot(v, previous.get(k)) for k, v in obj.items()}
-        if type(obj) is dict:
-            return copied
-        # A module's state dict is an OrderedDict whose _metadata (versions)
-        # load_state_dict reads.
-        out = type(obj)(copied)
-        if hasattr(obj, "_metadata"):
-            out._metadata = obj._metadata  # type: ignore[attr-defined]
-        return out
-    if isinstance(obj, list | tuple):
-        old = staging if isinstance(staging, list | tuple) and len(staging) == len(obj) else None
-        items = [snapshot(v, old[i] if old else None) for i, v in enumerate(obj)]
-        return items if isinstance(obj, list) else tuple(items)
-    return obj
+            and (not side or staging.is_pinned())
+        )
+        if not side:
+            if reusable:
+                return staging.copy_(src)
+            return src.to("cpu", copy=True)
+        target = (
+            staging
+            if reusable
+            else torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=True)
+        )
+        with torch.cuda.stream(self._stream(src.device)):
+            target.copy_(src, non_blocking=True)
+        return target
+
+    def _stream(self, device: Any) -> Any:
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = _COPY_STREAMS.get(device)
+            if stream is None:
+                stream = _COPY_STREAMS[device] = torch.cuda.Stream(device)
+            # The copies see everything queued so far: the step that made the values.
+            stream.wait_stream(torch.cuda.current_stream(device))
+            self._streams[device] = stream
+        return stream
+
+    def queued(self) -> Callable[[], None]:
+        """Order later work after the queued copies; return what waits for them."""
+        events = []
+        for device, stream in self._streams.items():
+            event = torch.cuda.Event()
+            event.record(stream)
+            # In-place updates queued from now on (optimizer.step) run after the copy.
+            torch.cuda.current_stream(device).wait_event(event)
+            events.append(event)
+
+        def ready() -> None:
+            for event in events:
+                event.synchronize()
+
+        return ready
 
 
 class _HashingWriter:

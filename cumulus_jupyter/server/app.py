@@ -67,9 +67,9 @@ class CumulusApp(ExtensionApp):
     job_nice = Integer(
         5,
         config=True,
-        help="Niceness job processes give themselves (0-19): the server that pauses and "
-        "reports on them stays responsive when many jobs compete for the CPU. A job on a "
-        "GPU hardly notices.",
+        help="Niceness job processes give themselves and their session's autogroup "
+        "(0-19), and the warm template too: the server that pauses and reports on them "
+        "stays responsive when many jobs compete for the CPU. A job on a GPU hardly notices.",
     )
     gpus = List(
         Unicode(),

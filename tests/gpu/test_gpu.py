@@ -327,6 +327,11 @@ def test_async_save_of_cuda_tensors_matches_the_blocking_save(tmp_path, monkeypa
         torch.nn.Linear(2048, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 512)
     ).cuda()
     model.register_buffer("bf16", torch.randn(4096, device="cuda").to(torch.bfloat16))
+    # 512 MB, first in the state dict: its copy off the GPU takes milliseconds,
+    # and the copies of the weights wait behind it on the side stream while
+    # the test changes those weights at once. Unless training's stream waits
+    # for the copies, they see the change.
+    model.register_buffer("big", torch.randn(2**27, device="cuda"))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.randn(64, 2048, device="cuda")
 
