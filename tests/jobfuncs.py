@@ -635,8 +635,14 @@ def fingerprint():
             h = signal.getsignal(s)
             handlers[s.name] = getattr(h, "__qualname__", str(h))
     parent = psutil.Process(os.getppid())
+    try:  # "/autogroup-123 nice 5" where the kernel groups sessions for the scheduler
+        with open("/proc/self/autogroup") as f:
+            autogroup_nice = int(f.read().split()[-1])
+    except OSError:
+        autogroup_nice = None
     return {
         "env": dict(os.environ),
+        "autogroup_nice": autogroup_nice,
         "cwd": os.getcwd(),
         "own_session": os.getsid(0) == os.getpid() == os.getpgid(0),
         "umask": umask,

@@ -398,3 +398,57 @@ async def test_the_server_hears_a_run_end_from_the_process_itself(jp_fetch, jp_s
     assert resp.code == 200 and resp.headers["X-Cumulus-State"] == "completed"
     gpus = json.loads((await jp_fetch("cumulus", "api", "gpus")).body)["gpus"]
     assert gpus[0]["used"] == 0  # the share is free again
+
+
+async def test_a_stuck_filesystem_holds_up_only_the_request_that_wrote(
+    jp_fetch, jp_serverapp, monkeypatch
+):
+    """A record write that hangs (a rename waiting for the journal) leaves the loop free."""
+    import threading
+
+    from cumulus_jupyter.server import store
+
+    body = submit_body(payload=payload(jobfuncs.pausable_sleep, (120,)))
+    job_id = json.loads((await jp_fetch("cumulus", "api", "jobs", method="POST", body=body)).body)[
+        "id"
+    ]
+
+    async def state():
+        return json.loads((await jp_fetch("cumulus", "api", "jobs", job_id)).body)["state"]
+
+    deadline = time.monotonic() + 60
+    while await state() != "running":
+        assert time.monotonic() < deadline, "the job did not start"
+        await asyncio.sleep(0.05)
+
+    entered, release = threading.Event(), threading.Event()
+    real_write = store.atomic_write_bytes
+
+    def stuck_write(*args, **kwargs):
+        entered.set()
+        release.wait(15)  # without a writer thread this holds the event loop itself
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(store, "atomic_write_bytes", stuck_write)
+    pause = asyncio.ensure_future(
+        jp_fetch("cumulus", "api", "jobs", job_id, "pause", method="POST", body="{}")
+    )
+    deadline = time.monotonic() + 10
+    while not entered.is_set():
+        assert time.monotonic() < deadline, "the pause wrote no record"
+        await asyncio.sleep(0.01)
+    # The record is being written: other requests are answered meanwhile, and
+    # they see the new state (or the next: the job may have stopped already);
+    # the pause itself answers once its write is done.
+    assert await state() in ("pausing", "paused")
+    assert not pause.done()
+    release.set()
+    assert json.loads((await pause).body)["state"] == "pausing"
+    record = json.loads(
+        Path(jp_serverapp.config["CumulusApp"]["job_root"], job_id, "job.json").read_text()
+    )
+    assert record["state"] in ("pausing", "paused")
+    deadline = time.monotonic() + 60
+    while await state() != "paused":
+        assert time.monotonic() < deadline, "the job did not pause"
+        await asyncio.sleep(0.05)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -82,6 +83,10 @@ def test_a_forked_run_is_a_cold_run_but_for_its_parent(tmp_path):
         assert run.pop("stdout") == str(Path(run.pop("env")["CUMULUS_JOB_DIR"]) / "output.log")
     assert forked == cold
     assert forked["own_session"] and forked["threads"] == 1
+    # Below the server (CumulusApp.job_nice, 5 by default), also where the
+    # scheduler shares the CPU between sessions first.
+    assert forked["nice"] == 5
+    assert forked["autogroup_nice"] in (5, None)
     assert forked["stdin"] == "/dev/null"
 
 
@@ -135,6 +140,10 @@ def test_gpus_reports_the_template_and_its_memory(warm_server):
     warm = warm_server.client()._json("GET", "gpus")["warm"]
     assert warm["pid"] == template.pid and warm["rss"] > 0
     assert "torch" in warm["preload"]
+    # Its forks are CPU work in a burst of submits: it runs below the server too.
+    assert template.nice() == 5
+    with contextlib.suppress(FileNotFoundError):
+        assert Path(f"/proc/{template.pid}/autogroup").read_text().split()[-1] == "5"
 
 
 def test_an_upgraded_package_makes_the_template_stale(warm_server):
