@@ -65,6 +65,12 @@ RUN_ENV = "CUMULUS_RUN"
 GPU_FRACTION_ENV = "CUMULUS_GPU_FRACTION"
 #: Niceness the worker gives itself.
 NICE_ENV = "CUMULUS_JOB_NICE"
+#: How many ranks (processes) run the job's function: "1" or absent is one
+#: process, as always. With N > 1, ``CUDA_VISIBLE_DEVICES`` lists the N devices
+#: placed for it on a GPU host (rank i gets the i-th), or is empty on a CPU host.
+NPROCS_ENV = "CUMULUS_NPROCS"
+#: Seconds between asking a process to stop and killing it (``CumulusApp.kill_grace``).
+KILL_GRACE_ENV = "CUMULUS_KILL_GRACE"
 #: verify_resume only: Checkpointer.loop asks for a pause at this global step.
 PAUSE_AT_ENV = "CUMULUS_PAUSE_AT_STEP"
 #: verify_resume only: the seed every generator starts from in each run.
@@ -82,6 +88,8 @@ RUN_ENV_KEYS = frozenset(
         RUN_ENV,
         GPU_FRACTION_ENV,
         NICE_ENV,
+        NPROCS_ENV,
+        KILL_GRACE_ENV,
         PAUSE_AT_ENV,
         SEED_ENV,
         "PYTHONUNBUFFERED",
@@ -138,6 +146,8 @@ def job_environment(
     gpu_fraction: float | None = None,
     cuda_devices: str | None = None,
     nice: int | None = None,
+    nprocs: int = 1,
+    kill_grace: float | None = None,
     extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The environment of one run: ``base`` without secrets, plus what the worker reads.
@@ -158,6 +168,10 @@ def job_environment(
         env[GPU_FRACTION_ENV] = repr(gpu_fraction)
     if nice is not None:
         env[NICE_ENV] = str(nice)
+    if nprocs != 1:
+        env[NPROCS_ENV] = str(nprocs)
+    if kill_grace is not None:
+        env[KILL_GRACE_ENV] = repr(kill_grace)
     if cuda_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = cuda_devices
         # Device numbers are nvidia-smi's (PCI bus order); CUDA's default

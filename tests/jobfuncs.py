@@ -675,3 +675,73 @@ def find_the_global():
 
     found = "cumulus_left_behind" in sys.modules or hasattr(builtins, "cumulus_left_behind")
     return "there" if found else "not there"
+
+
+# -- jobs of several ranks (nprocs > 1) ----------------------------------------------
+
+
+def rank_facts():
+    """What a rank sees: its place, its environment, a collective's result."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from cumulus_jupyter import runtime
+
+    total = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(total)
+    facts = {
+        "rank": runtime.rank(),
+        "world_size": runtime.world_size(),
+        "dist": [dist.get_rank(), dist.get_world_size(), dist.get_backend()],
+        "env": {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")},
+        "sum": float(total),
+        "pid": os.getpid(),
+    }
+    print(f"rank {facts['rank']} here", flush=True)
+    runtime.report(step=1, total=1, who=float(runtime.rank()))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, facts)
+    return everyone
+
+
+def ranks_until_paused(flag_dir, step_seconds=0.02):
+    """Steps until should_pause(); rank 0 returns the step every rank stopped after."""
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from cumulus_jupyter.runtime import should_pause
+
+    step = 0
+    while not should_pause():
+        step += 1
+        if step == 20:  # well under way: a pause now finds the ranks far apart, unless agreed
+            open(os.path.join(flag_dir, f"running-{dist.get_rank()}"), "w").close()
+        time.sleep(step_seconds * (1 + dist.get_rank()))  # ranks at different speeds
+    steps = [None] * dist.get_world_size()
+    dist.all_gather_object(steps, step)
+    return {"status": "paused", "steps": steps}
+
+
+def a_rank_fails(how, flag_dir, rank0_waits="in a collective"):
+    """Rank 1 raises (or waits to be killed) while rank 0 waits, in a collective or not."""
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    with open(os.path.join(flag_dir, f"pid-{rank}"), "w") as f:
+        f.write(str(os.getpid()))
+    if rank == 1:
+        if how == "raise":
+            raise ValueError("bad batch on rank 1")
+        time.sleep(600)  # killed, or cancelled, from outside
+    if rank0_waits == "in a collective":
+        dist.barrier()  # for a rank that never comes
+    else:
+        time.sleep(600)  # in its own code: it notices nothing by itself
+    return "unreachable"

@@ -228,6 +228,35 @@ def test_bad_parameters_raise_distinct_errors(client):
         client.get_job("nosuchjob")
 
 
+def test_the_sdk_sends_nprocs_and_raises_the_servers_refusal(client, tmp_path):
+    before = len(client.jobs())
+    too_many = (os.cpu_count() or 1) + 1  # the server has no GPUs: one rank per core
+    for bad, match in [
+        (0, "nprocs must be 1 or more"),
+        (True, "nprocs must be a whole number"),  # == 1, but not the number 1
+        (2.5, "nprocs must be a whole number"),
+        (too_many, f"nprocs={too_many} is more ranks than this server can run"),
+    ]:
+        with pytest.raises(BadRequestError, match=match):
+            client.run_async(jobfuncs.add, args=[1], nprocs=bad)
+    assert len(client.jobs()) == before
+
+    # Valid: the record says so. The job waits behind one holding the whole
+    # device, so no ranks start (running them is the job process's part).
+    release = tmp_path / "release"
+    holder = client.run_async(jobfuncs.hold_until, args=[str(release)], gpu_memory=1.0)
+    try:
+        nprocs = min(2, os.cpu_count() or 1)
+        job = client.run_async(jobfuncs.add, args=[1], gpu_memory=0.5, nprocs=nprocs)
+        assert (job.record["state"], job.record["nprocs"]) == ("queued", nprocs)
+        with pytest.raises(BadRequestError, match="nprocs must be 1 or more"):
+            job.resume(nprocs=0)  # refused before the job's state is even looked at
+        job.cancel()
+    finally:
+        release.touch()
+    assert holder.result(timeout=60) == "released"
+
+
 def test_client_needs_a_url(monkeypatch):
     monkeypatch.delenv("CUMULUS_SERVER_URL", raising=False)
     with pytest.raises(CumulusError, match="no cumulus server"):

@@ -96,6 +96,15 @@ async def test_submit_list_get_result(jp_fetch, jp_serverapp):
         (submit_body(python_version=None), 400, "python_version"),
         (submit_body(python_version="2.7", python="/nonexistent/python"), 400, "Python 2.7"),
         (submit_body(gpu_mem=0.5), 400, "unknown field"),
+        (submit_body(nprocs=0), 400, "nprocs must be 1 or more"),
+        (submit_body(nprocs=-1), 400, "nprocs must be 1 or more"),
+        (submit_body(nprocs="2"), 400, "nprocs must be a whole number"),
+        (submit_body(nprocs=2.5), 400, "nprocs must be a whole number"),
+        (submit_body(nprocs=2.0), 400, "nprocs must be a whole number"),
+        (submit_body(nprocs=True), 400, "nprocs must be a whole number"),
+        (submit_body(nprocs=None), 400, "nprocs must be a whole number"),
+        # No GPUs configured: the ranks share the CPU, at most one per core.
+        (submit_body(nprocs=(os.cpu_count() or 1) + 1), 400, "no GPUs and"),
     ],
 )
 async def test_submit_rejects_bad_input(jp_fetch, jp_serverapp, body, status, match):
@@ -452,3 +461,81 @@ async def test_a_stuck_filesystem_holds_up_only_the_request_that_wrote(
     while await state() != "paused":
         assert time.monotonic() < deadline, "the job did not pause"
         await asyncio.sleep(0.05)
+
+
+async def job_record(jp_fetch, job_id):
+    return json.loads((await jp_fetch("cumulus", "api", "jobs", job_id)).body)
+
+
+async def test_a_job_has_one_rank_on_the_cpu_device_by_default(jp_fetch):
+    job_id = await finished_job(jp_fetch)
+    record = await job_record(jp_fetch, job_id)
+    assert record["state"] == "completed", record
+    assert (record["nprocs"], record["devices"], record["device"]) == (1, ["cpu"], "cpu")
+    run = record["runs"][0]
+    assert (run["nprocs"], run["devices"], run["device"]) == (1, ["cpu"], "cpu")
+
+
+async def test_a_job_asking_for_one_rank_per_core_is_accepted(jp_fetch, jp_serverapp):
+    # Queued behind a job holding the whole device, so only the record is
+    # checked here: running several ranks is the job process's part.
+    release = Path(jp_serverapp.config["CumulusApp"]["job_root"]).parent / "release"
+    blocker = submit_body(payload=payload(jobfuncs.hold_until, (str(release),)), gpu_memory=1.0)
+    blocker_id = json.loads(
+        (await jp_fetch("cumulus", "api", "jobs", method="POST", body=blocker)).body
+    )["id"]
+    most = os.cpu_count() or 1
+    body = submit_body(nprocs=most, gpu_memory=0.5)
+    job = json.loads((await jp_fetch("cumulus", "api", "jobs", method="POST", body=body)).body)
+    assert (job["state"], job["nprocs"], job["devices"]) == ("queued", most, [])
+    await jp_fetch("cumulus", "api", "jobs", job["id"], "cancel", method="POST", body="{}")
+    release.touch()
+    await jp_fetch("cumulus", "api", "jobs", blocker_id, "result", params={"wait": 60})
+
+
+async def test_resume_checks_nprocs_and_sets_it_for_the_next_run(jp_fetch, jp_serverapp):
+    body = submit_body(payload=payload(jobfuncs.pausable_sleep, (120,)))
+    job_id = json.loads((await jp_fetch("cumulus", "api", "jobs", method="POST", body=body)).body)[
+        "id"
+    ]
+    deadline = time.monotonic() + 60
+    while (await job_record(jp_fetch, job_id))["state"] != "running":
+        assert time.monotonic() < deadline, "the job did not start"
+        await asyncio.sleep(0.05)
+    await jp_fetch("cumulus", "api", "jobs", job_id, "pause", method="POST", body="{}")
+    while (await job_record(jp_fetch, job_id))["state"] != "paused":
+        assert time.monotonic() < deadline, "the job did not pause"
+        await asyncio.sleep(0.05)
+
+    too_many = (os.cpu_count() or 1) + 1
+    for bad, match in [
+        (0, "nprocs must be 1 or more"),
+        (-1, "nprocs must be 1 or more"),
+        ("2", "nprocs must be a whole number"),
+        (2.5, "nprocs must be a whole number"),
+        (True, "nprocs must be a whole number"),
+        (too_many, f"nprocs={too_many} is more ranks than this server can run"),
+    ]:
+        body = json.dumps({"nprocs": bad})
+        code, err = await error_of(jp_fetch, "jobs", job_id, "resume", method="POST", body=body)
+        assert (code, err["error"]) == (400, "bad_request"), bad
+        assert match in err["message"], err
+    record = await job_record(jp_fetch, job_id)
+    assert (record["state"], record["nprocs"]) == ("paused", 1)  # refused: nothing changed
+
+    # A valid nprocs is the next run's; that run is held back behind a job
+    # holding the whole device (running several ranks is the job process's part).
+    release = Path(jp_serverapp.config["CumulusApp"]["job_root"]).parent / "release"
+    blocker = submit_body(payload=payload(jobfuncs.hold_until, (str(release),)), gpu_memory=1.0)
+    blocker_id = json.loads(
+        (await jp_fetch("cumulus", "api", "jobs", method="POST", body=blocker)).body
+    )["id"]
+    nprocs = min(2, os.cpu_count() or 1)
+    body = json.dumps({"nprocs": nprocs})
+    resp = await jp_fetch("cumulus", "api", "jobs", job_id, "resume", method="POST", body=body)
+    record = json.loads(resp.body)
+    assert (record["state"], record["nprocs"]) == ("queued", nprocs)
+    assert record["runs"][0]["nprocs"] == 1  # the first run's stays as it was
+    await jp_fetch("cumulus", "api", "jobs", job_id, "cancel", method="POST", body="{}")
+    release.touch()
+    await jp_fetch("cumulus", "api", "jobs", blocker_id, "result", params={"wait": 60})

@@ -119,12 +119,20 @@ class CumulusClient:
         duration: float | str | None = None,
         name: str | None = None,
         ship: Iterable[str] = (),
+        *,
+        nprocs: int = 1,
     ) -> Job:
         """Start ``func(*args, **kwargs)`` as a job and return its :class:`Job` at once.
 
         ``gpu_memory`` is the share of one GPU (``0 < gpu_memory <= 1``) the
         job may use; ``duration`` a limit in seconds or as ``"30m"``/``"2h"``,
         after which the job is paused and ends ``timed_out``, resumable.
+
+        ``nprocs`` runs the job as that many processes (ranks), each with
+        ``gpu_memory`` of a GPU of its own (on a host without GPUs they share
+        the CPU): ``func`` is called in every rank with ``torch.distributed``
+        initialised; the result is rank 0's return value. The server refuses
+        more ranks than it has GPUs (or, without GPUs, CPU cores).
 
         Your own modules that the call uses (``model.py`` beside the notebook,
         a local package) travel with it as source files; ``ship`` names more
@@ -145,6 +153,10 @@ class CumulusClient:
             "python": sys.executable,
             "python_version": python_version(),
         }
+        if not _is_one(nprocs):
+            # Sent only when it says something: a server from before ranks
+            # refuses fields it does not know. The server checks the value.
+            body["nprocs"] = nprocs
         record = self._json("POST", "jobs", body)
         self.last_job = Job(self, record)
         return self.last_job
@@ -158,13 +170,19 @@ class CumulusClient:
         duration: float | str | None = None,
         name: str | None = None,
         ship: Iterable[str] = (),
+        *,
+        nprocs: int = 1,
     ) -> Any:
         """Run ``func`` as a job, wait until it stops, and return what it returned.
+
+        The options are :meth:`run_async`'s. With ``nprocs`` > 1, ``func`` is
+        called in every rank with ``torch.distributed`` initialised; the result
+        is rank 0's return value.
 
         A function that raised raises :class:`JobFailedError` here, with the
         remote traceback.
         """
-        job = self.run_async(func, args, kwargs, gpu_memory, duration, name, ship)
+        job = self.run_async(func, args, kwargs, gpu_memory, duration, name, ship, nprocs=nprocs)
         return job.result()
 
     # -- jobs ------------------------------------------------------------------
@@ -189,13 +207,20 @@ class CumulusClient:
         job_id: str,
         checkpoint: str | None = None,
         duration: float | str | None = None,
+        nprocs: int | None = None,
     ) -> dict[str, Any]:
-        """Resume a paused, timed-out or lost job, from ``checkpoint`` (a name) or the latest."""
+        """Resume a paused, timed-out or lost job, from ``checkpoint`` (a name) or the latest.
+
+        ``duration`` sets a new time limit and ``nprocs`` a new number of ranks
+        (its checkpoints are resharded to it); ``None`` keeps the job's.
+        """
         body: dict[str, Any] = {}
         if checkpoint is not None:
             body["checkpoint"] = checkpoint
         if duration is not None:
             body["duration"] = duration
+        if nprocs is not None:
+            body["nprocs"] = nprocs
         return self._json("POST", f"jobs/{_quote(job_id)}/resume", body)
 
     def cancel_job(self, job_id: str) -> dict[str, Any]:
@@ -306,10 +331,17 @@ class Job:
         return self._receive(self.client.pause_job(self.id))
 
     def resume(
-        self, checkpoint: str | None = None, duration: float | str | None = None
+        self,
+        checkpoint: str | None = None,
+        duration: float | str | None = None,
+        nprocs: int | None = None,
     ) -> dict[str, Any]:
-        """Continue the job from ``checkpoint`` (a name from get_checkpoints) or the latest."""
-        return self._receive(self.client.resume_job(self.id, checkpoint, duration))
+        """Continue the job from ``checkpoint`` (a name from get_checkpoints) or the latest.
+
+        ``duration`` sets a new time limit, ``nprocs`` a new number of ranks;
+        ``None`` keeps the job's.
+        """
+        return self._receive(self.client.resume_job(self.id, checkpoint, duration, nprocs))
 
     def cancel(self) -> dict[str, Any]:
         """Stop the job for good."""
@@ -400,6 +432,11 @@ class Job:
     def summary(self) -> str:
         """A one-line text description from the server's current record."""
         return job_summary(self.info())
+
+
+def _is_one(nprocs: Any) -> bool:
+    """Whether ``nprocs`` is exactly the default 1: ``True == 1``, but it is sent, and refused."""
+    return type(nprocs) is int and nprocs == 1
 
 
 def _quote(part: str) -> str:

@@ -75,7 +75,9 @@ def job_facts(record: Mapping[str, Any]) -> dict[str, str]:
         "elapsed": format_duration(elapsed) if elapsed is not None else "-",
         "duration": format_duration(record.get("duration")),
         "gpu_memory": str(record.get("gpu_memory")),
-        "device": str(record.get("device") or "-"),
+        # A job of several ranks holds several devices ("0,1"); older servers
+        # send only "device".
+        "device": ",".join(record.get("devices") or []) or str(record.get("device") or "-"),
     }
 
 
@@ -100,9 +102,14 @@ def job_header_html(record: Mapping[str, Any]) -> str:
     """The job's facts as the HTML header of its widget: name, id, a state badge, times."""
     f = job_facts(record)
     device = record.get("device")
+    devices = record.get("devices") or ([device] if device else [])
+    nprocs = record.get("nprocs") or 1
+    ranks = f", {nprocs} ranks" if nprocs > 1 else ""
     where = ""
     if device == "cpu":
-        where = " (CPU-only host)"
+        where = f" (CPU-only host{ranks})"
+    elif len(devices) > 1:
+        where = f" on each of GPUs {html.escape(', '.join(map(str, devices)))}"
     elif device:
         where = f" of GPU {html.escape(str(device))}"
     message = job_message(record)

@@ -104,6 +104,14 @@ class CumulusMagics(Magics):
         help="Share of one GPU's memory, 0 < F <= 1 (default 1).",
     )
     @argument("--duration", default=None, help="Time limit: seconds, or like 30m, 2h.")
+    @argument(
+        "--nprocs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="Run the cell in N processes (ranks), one GPU each, with torch.distributed "
+        "initialised; the result is rank 0's (default 1).",
+    )
     @argument("--name", default=None, help="The job's name (default: the cell's number).")
     @argument("--wait", action="store_true", help="Stream the output here and return the result.")
     @argument("--out", default=None, help="Bind the Job to this variable.")
@@ -121,8 +129,8 @@ class CumulusMagics(Magics):
 
         Cell magic::
 
-            %%cumulus [--gpu-memory F] [--duration D] [--name N] [--wait] [--out VAR]
-                      [--ship MODULE]
+            %%cumulus [--gpu-memory F] [--duration D] [--nprocs N] [--name NAME] [--wait]
+                      [--out VAR] [--ship MODULE]
 
         The cell runs in its own process with a share of a GPU, independent
         of this kernel. Names it reads from the notebook (data, tensors,
@@ -131,7 +139,9 @@ class CumulusMagics(Magics):
         local package) travel as source files; the value of its last
         expression is the job's result. Without --wait the cell
         returns at once and shows the job's widget; with --wait the job's
-        output streams here and the result is the cell's value.
+        output streams here and the result is the cell's value. With
+        --nprocs N the cell runs in N processes (ranks), each on a GPU of its
+        own, with torch.distributed initialised; the result is rank 0's.
 
         Line magic::
 
@@ -180,6 +190,7 @@ class CumulusMagics(Magics):
                 duration=duration,
                 name=name,
                 ship=args.ship,
+                nprocs=args.nprocs,  # checked by the server, whose message says what to do
             )
         except CumulusError as e:
             raise UsageError(str(e)) from None

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .checkpointer import Checkpointer, CheckpointError, list_checkpoints
-    from .context import JobInterrupted, job_dir, job_id, should_pause
+    from .context import JobInterrupted, job_dir, job_id, rank, should_pause, world_size
     from .interrupt import save_on_interrupt
     from .reporting import report
     from .verify import ResumeReport, verify_resume
@@ -35,6 +35,8 @@ _LAZY = {
     "job_dir": "context",
     "job_id": "context",
     "should_pause": "context",
+    "rank": "context",
+    "world_size": "context",
     "save_on_interrupt": "interrupt",
     "report": "reporting",
     "ResumeReport": "verify",
@@ -49,10 +51,12 @@ __all__ = [
     "job_dir",
     "job_id",
     "list_checkpoints",
+    "rank",
     "report",
     "save_on_interrupt",
     "should_pause",
     "verify_resume",
+    "world_size",
 ]
 
 

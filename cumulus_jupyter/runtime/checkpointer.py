@@ -227,6 +227,13 @@ class Checkpointer:
         ``torch.optim.lr_scheduler.LambdaLR``), or a list of them; pass the
         same to :meth:`load` to restore them.
         """
+        if context.world_size() > 1:
+            # Every rank would write the same file and manifest entry.
+            raise CheckpointError(
+                "Checkpointer.save in a job of several ranks (nprocs > 1) is not supported "
+                "yet: checkpoint from a job of one process, or save rank 0's state yourself "
+                "(torch.save, if context.rank() == 0)"
+            )
         self.wait()  # one save in flight at most, and surface its error now
         blocking = self.blocking if blocking is None else blocking
         if global_step is None:

@@ -95,15 +95,55 @@ def should_pause() -> bool:
     server signals the process when it writes the pause flag, and
     ``control.json`` is looked at no more than once a second as a fallback.
     Outside a job it is always ``False``.
+
+    In a job of several ranks every rank gets the same answer at the same
+    call (call it at the same points on every rank), one call after the
+    request reached them: all ranks stop after the same step.
     """
     global _pause_observed
-    if _pause_requested:
+    asked = _pause_requested or (
+        _monotonic() >= _next_control_check and _look_at_control(_monotonic())
+    )
+    if _agreement is not None:
+        asked = _agreement(asked)
+    if asked:
         _pause_observed = True
-        return True
-    now = _monotonic()
-    if now < _next_control_check:
-        return False
-    return _look_at_control(now)
+    return asked
+
+
+#: Set in a job of several ranks (see :mod:`.ranks`): turns this rank's answer
+#: into the answer every rank gives at this call.
+_agreement: Any = None
+_rank = 0
+_world_size = 1
+
+
+def rank() -> int:
+    """This process's rank in its job (0 in a job of one process, and outside a job)."""
+    return _rank
+
+
+def world_size() -> int:
+    """How many ranks the job has (1 in a job of one process, and outside a job)."""
+    return _world_size
+
+
+def set_rank(rank_: int, world: int) -> None:
+    """Called once in each rank's process, before the job's function runs."""
+    global _rank, _world_size
+    _rank, _world_size = rank_, world
+
+
+def set_agreement(agreement: Any) -> None:
+    """Install what makes every rank's ``should_pause()`` agree."""
+    global _agreement
+    _agreement = agreement
+
+
+def finish_agreement() -> None:
+    """Wait for the agreement's last collective, before the process group goes."""
+    if _agreement is not None:
+        _agreement.finish()
 
 
 _monotonic = time.monotonic
@@ -111,7 +151,7 @@ _monotonic = time.monotonic
 
 def _look_at_control(now: float) -> bool:
     """The fallback of :func:`should_pause`: read ``control.json`` if it changed."""
-    global _next_control_check, _control_mtime, _pause_observed
+    global _next_control_check, _control_mtime
     _next_control_check = now + _CONTROL_POLL_SECONDS
     if not in_job():
         return False
@@ -123,7 +163,6 @@ def _look_at_control(now: float) -> bool:
         _control_mtime = mtime
         if read_control().get("pause"):
             request_pause()
-            _pause_observed = True
     return _pause_requested
 
 

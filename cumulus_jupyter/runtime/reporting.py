@@ -10,7 +10,7 @@ from typing import Any
 
 from ..jobdir import JobDir
 from ..metrics import RUN_FIELD
-from .context import current_run, job_dir
+from .context import current_run, job_dir, rank
 
 
 def _plain(value: Any) -> Any:
@@ -42,8 +42,10 @@ def report(**metrics: Any) -> None:
 
     Each call appends one JSON line to ``metrics.jsonl``, with the time and
     the job's run; ``step`` and ``total`` drive progress bars, everything else
-    is plotted. A step reported by several runs (a resume from a checkpoint
-    runs the steps after it again) is shown with the newest run's values.
+    is plotted. In a job of several ranks only rank 0's calls are recorded
+    (the others are checked and dropped). A step reported by several runs (a
+    resume from a checkpoint runs the steps after it again) is shown with the
+    newest run's values.
     ``run`` is therefore not a metric name.
     """
     if RUN_FIELD in metrics:
@@ -52,6 +54,8 @@ def report(**metrics: Any) -> None:
             "report your value under another name"
         )
     record = {key: _plain(value) for key, value in metrics.items()}
+    if rank() != 0:
+        return  # in a job of several ranks, rank 0's reports are the job's
     record["time"] = time.time()
     _last_reported.clear()
     _last_reported.update(record)

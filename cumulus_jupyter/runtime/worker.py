@@ -22,7 +22,7 @@ from ..jobdir import GPU_FRACTION_ENV, NICE_ENV, PAUSE_SIGNAL, SEED_ENV, JobDir
 from ..shipping import install_shipped_modules, missing_module_message
 from ..spec import python_version
 from ..states import run_outcome
-from . import context
+from . import context, ranks
 from .context import JobInterrupted, current_run, pause_observed, read_control, request_pause
 
 
@@ -35,7 +35,7 @@ def _process_start_time() -> float | None:
         return None
 
 
-def _setup_gpu() -> None:
+def setup_gpu() -> None:
     """Cap this process at its GPU share before any user code allocates memory.
 
     The backend already pinned the device with CUDA_VISIBLE_DEVICES, so the
@@ -93,6 +93,36 @@ def _seed_for_verification() -> None:
     torch.manual_seed(int(seed))  # CUDA's generators too
 
 
+def interrupted_outcome(e: JobInterrupted) -> dict[str, Any]:
+    """The outcome of a run that SIGTERM or SIGINT stopped (after it saved, if guarded)."""
+    return {
+        "ok": True,
+        "value": {
+            "status": "interrupted",
+            "signal": signal.Signals(e.signum).name,
+            "checkpoint": e.checkpoint,
+        },
+    }
+
+
+def failure_outcome(e: BaseException, origins: dict[str, str]) -> dict[str, Any]:
+    """The outcome of a run whose code raised ``e`` (its traceback goes to stderr too)."""
+    tb = "".join(traceback.format_exception(e))
+    message = str(e)
+    if isinstance(e, ModuleNotFoundError) and e.name:
+        # Say which module, where the submitter had it from, and what to do.
+        message = missing_module_message(e.name, origins)
+        tb += f"\n{message}\n"
+    sys.stderr.write(tb)
+    return {
+        "ok": False,
+        "exc_type": f"{type(e).__module__}.{type(e).__qualname__}",
+        "message": message,
+        "traceback": tb,
+        "exception": e,
+    }
+
+
 def lower_priority(nice: int) -> None:
     """Give this process, and the session it leads, the niceness ``nice``."""
     if nice <= 0:
@@ -141,7 +171,7 @@ def run(job_dir: Path) -> int:
     files.write_state(state)
 
     outcome: dict[str, Any]
-    interrupted = False
+    interrupted = observed = False
     origins: dict[str, str] = {}
     try:
         # The seed's examples say `from runtime import Checkpointer, should_pause`.
@@ -153,7 +183,7 @@ def run(job_dir: Path) -> int:
                 f"the job was pickled by Python {want} but runs under Python {have}: "
                 "submit it from a Python of the same version as the job server's"
             )
-        _setup_gpu()
+        setup_gpu()
         import cloudpickle
 
         # The submitter's own modules come first, so unpickling and the
@@ -173,33 +203,16 @@ def run(job_dir: Path) -> int:
                 f"got a {type(call).__name__}"
             )
         func, args, kwargs = call
-        value = func(*args, **kwargs)
-        outcome = {"ok": True, "value": value}
+        world = ranks.nprocs()
+        if world > 1:
+            outcome, interrupted, observed = ranks.run_ranks(func, args, kwargs, world, job_dir)
+        else:
+            outcome = {"ok": True, "value": func(*args, **kwargs)}
     except JobInterrupted as e:
         interrupted = True
-        outcome = {
-            "ok": True,
-            "value": {
-                "status": "interrupted",
-                "signal": signal.Signals(e.signum).name,
-                "checkpoint": e.checkpoint,
-            },
-        }
+        outcome = interrupted_outcome(e)
     except BaseException as e:  # the user's code may raise anything, SystemExit included
-        tb = traceback.format_exc()
-        message = str(e)
-        if isinstance(e, ModuleNotFoundError) and e.name:
-            # Say which module, where the submitter had it from, and what to do.
-            message = missing_module_message(e.name, origins)
-            tb += f"\n{message}\n"
-        sys.stderr.write(tb)
-        outcome = {
-            "ok": False,
-            "exc_type": f"{type(e).__module__}.{type(e).__qualname__}",
-            "message": message,
-            "traceback": tb,
-            "exception": e,
-        }
+        outcome = failure_outcome(e, origins)
 
     # Ignore further signals while recording the outcome: a second SIGTERM
     # must not leave result.pkl and state.json disagreeing.
@@ -216,7 +229,9 @@ def run(job_dir: Path) -> int:
         }
         sys.stderr.write(outcome["traceback"])
     final = run_outcome(
-        ok=outcome["ok"], stopped=interrupted or pause_observed(), control=read_control()
+        ok=outcome["ok"],
+        stopped=interrupted or observed or pause_observed(),
+        control=read_control(),
     )
     files.write_result(_dumps_result(outcome))
     state.update(state=final.value, ended=time.time(), exit={"interrupted": interrupted})

@@ -1,9 +1,12 @@
 """The GPU inventory of the host and the admission of jobs by memory share.
 
-Each job asks for a share ``0 < gpu_memory <= 1`` of one device. A job starts
-on a device whose shares, its own included, sum to at most 1; otherwise it
-waits in the queue. A host without GPUs counts as one device named ``cpu``,
-so queueing behaves the same everywhere.
+Each job asks for a share ``0 < gpu_memory <= 1`` of one device for each of
+its ranks (processes). A job starts once it finds as many distinct devices as
+it has ranks, each with room for its share (the shares on a device, its own
+included, sum to at most 1); otherwise it waits in the queue. A host without
+GPUs counts as one device named ``cpu``, so queueing behaves the same
+everywhere; there every rank of a job shares that device, and the job takes
+its share of it once.
 """
 
 from __future__ import annotations
@@ -54,17 +57,31 @@ class ShareLedger:
     def free(self, device: str) -> float:
         return 1.0 - sum(self.held[device].values())
 
-    def place(self, share: float) -> str | None:
-        """The device with the most room that fits ``share``, or ``None``."""
-        best = max(self.devices, key=self.free)
-        return best if self.free(best) + _EPS >= share else None
+    def place(self, share: float, ranks: int = 1) -> list[str] | None:
+        """The devices for a job of ``ranks`` processes, each needing ``share``; else ``None``.
 
-    def take(self, job_id: str, device: str, share: float) -> None:
-        if device not in self.held:  # a re-adopted job on a device no longer listed
-            self.held[device] = {}
-        self.held[device][job_id] = share
+        On a GPU host: ``ranks`` distinct devices, those with the most room
+        first (rank i runs on the i-th), or ``None`` while fewer than
+        ``ranks`` devices have room. On a host without GPUs: ``["cpu"]``,
+        which every rank shares, if it has room for ``share`` once.
+        """
+        if not self.has_gpus:
+            ranks = 1
+        # sorted() is stable: among devices with as much room, the first listed wins.
+        roomiest = sorted(self.devices, key=self.free, reverse=True)[:ranks]
+        if len(roomiest) < ranks or any(self.free(d) + _EPS < share for d in roomiest):
+            return None
+        return roomiest
+
+    def take(self, job_id: str, devices: list[str], share: float) -> None:
+        """Hold ``share`` of each of ``devices`` for ``job_id``."""
+        for device in devices:
+            if device not in self.held:  # a re-adopted job on a device no longer listed
+                self.held[device] = {}
+            self.held[device][job_id] = share
 
     def release(self, job_id: str) -> None:
+        """Free every share ``job_id`` holds, on whichever devices."""
         for jobs in self.held.values():
             jobs.pop(job_id, None)
 

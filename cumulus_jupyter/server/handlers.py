@@ -126,7 +126,9 @@ class JobsHandler(CumulusHandler):
         with self.errors():
             user = self.current_user
             owner = getattr(user, "username", "") or ""
-            submission = parse_submission(self.body(), self.manager.max_payload_bytes)
+            submission = parse_submission(
+                self.body(), self.manager.max_payload_bytes, self.manager.rank_limit
+            )
             job = await self.manager.submit(submission, owner=owner)
         self.set_header("Location", self._job_url(job["id"]))
         self.reply(job, status=201)
@@ -168,7 +170,8 @@ class ResumeHandler(CumulusHandler):
     @authorized("execute")
     async def post(self, job_id: str) -> None:
         with self.errors():
-            job = self.manager.resume(job_id, parse_resume(self.body()))
+            request = parse_resume(self.body(), self.manager.rank_limit)
+            job = self.manager.resume(job_id, request)
             await self.manager.settled(job_id)
         self.reply(job)
 

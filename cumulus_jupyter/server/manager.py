@@ -30,7 +30,7 @@ from .backends import Backend, LocalBackend, ProcessHandle
 from .gpu import ShareLedger
 from .monitor import Escalation, Monitor, end_message
 from .record import JobRecord
-from .requests import ResumeRequest, Submission
+from .requests import RankLimit, ResumeRequest, Submission
 from .store import JobStore
 
 _WAITING = "waiting for a GPU share"
@@ -78,7 +78,8 @@ class JobManager:
             elif job.state in RUNNING_STATES:
                 handle = job.handle
                 if handle is not None and self.backend.adopt(handle):
-                    self.ledger.take(job_id, job.device or "", job.gpu_memory)
+                    devices = job.devices or [job.device or ""]
+                    self.ledger.take(job_id, devices, job.gpu_memory)
                     self.backend.watch(handle, functools.partial(self._run_ended, job))
                     self.log.info("cumulus: re-adopted job %s (pid %s)", job_id, handle.pid)
                 else:
@@ -114,6 +115,15 @@ class JobManager:
 
     def gpu_usage(self) -> list[dict[str, Any]]:
         return self.ledger.usage()
+
+    @property
+    def rank_limit(self) -> RankLimit:
+        """The most ranks one job may ask for here: one GPU each, or the CPU cores."""
+        if self.ledger.has_gpus:
+            n = len(self.ledger.devices)
+            return RankLimit(n, f"this server has {n} GPU(s) and each rank needs one of its own")
+        n = os.cpu_count() or 1
+        return RankLimit(n, f"this server has no GPUs and {n} CPU core(s) for the ranks to share")
 
     # -- the user's requests -------------------------------------------------------
 
@@ -181,6 +191,9 @@ class JobManager:
                 checkpoint = job.resume_checkpoint
         if request.duration is not None:
             job.duration = request.duration
+        if request.nprocs is not None:
+            # The next run starts this many ranks; its checkpoints are resharded on load.
+            job.nprocs = request.nprocs
         self.store.write_control(
             job_id, pause=False, cancel=False, reason=None, resume_checkpoint=checkpoint
         )
@@ -202,7 +215,12 @@ class JobManager:
             return self.public(job_id)  # asked already: the process is on its way out
         self._allow(Action.CANCEL, job)
         if job.state not in RUNNING_STATES:
+            queued = job.state is JobState.QUEUED
             self.set_state(job, JobState.CANCELLED, "cancelled")  # no process to stop
+            if queued:
+                # It may have been the oldest in the queue, waiting for more
+                # room (or more devices) than the jobs behind it need.
+                self.admit()
             return self.public(job_id)
         self.store.write_control(job_id, cancel=True)
         job.cancel_requested = job.escalated_at = time.time()
@@ -293,10 +311,11 @@ class JobManager:
     # -- runs ------------------------------------------------------------------------------
 
     def admit(self) -> None:
-        """Start queued jobs in order while the oldest one finds a device with room.
+        """Start queued jobs in order while the oldest one finds devices with room.
 
         Strictly first in, first out: a job never overtakes an older one, so a
-        job asking for a whole GPU is not starved by a stream of small ones.
+        job asking for a whole GPU (or for several GPUs, one per rank) is not
+        starved by a stream of small ones.
         """
         queued = sorted(
             (
@@ -307,21 +326,36 @@ class JobManager:
             key=lambda j: (j.queued_at or j.created or 0, j.id),
         )
         for job in queued:
-            device = self.ledger.place(job.gpu_memory)
-            if device is None:
+            if self.ledger.has_gpus and job.nprocs > len(self.ledger.devices):
+                # Checked at submit and resume, but the server may have been
+                # restarted with fewer GPUs since: waiting would block the
+                # queue for good.
+                job.ended = time.time()
+                self.set_state(
+                    job,
+                    JobState.FAILED,
+                    f"the job asks for {job.nprocs} ranks, one GPU each, but the server has "
+                    f"only {len(self.ledger.devices)} GPU(s) now; submit it again with "
+                    f"nprocs={len(self.ledger.devices)} or fewer",
+                )
+                continue
+            devices = self.ledger.place(job.gpu_memory, job.nprocs)
+            if devices is None:
                 break
-            # The share is taken now, so the next job is placed knowing it;
+            # The shares are taken now, so the next job is placed knowing them;
             # the process starts in a thread (a fork takes milliseconds that
             # every other request would wait for).
-            self.ledger.take(job.id, device, job.gpu_memory)
+            self.ledger.take(job.id, devices, job.gpu_memory)
             self._starting.add(job.id)
-            task = asyncio.get_running_loop().create_task(self._start_run(job, device))
+            task = asyncio.get_running_loop().create_task(self._start_run(job, devices))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _start_run(self, job: JobRecord, device: str) -> None:
+    async def _start_run(self, job: JobRecord, devices: list[str]) -> None:
         files = self.store.dir(job.id)
         run = job.run + 1
+        # A queued job cannot be resumed, so nprocs stays what admit() placed.
+        nprocs = job.nprocs
         # The run reads control.json (which checkpoint to resume from) first thing.
         await self.store.settled(job.id)
         env = job_environment(
@@ -330,9 +364,13 @@ class JobManager:
             job.id,
             run,
             gpu_fraction=job.gpu_memory,
-            # Pin the job to its device; with no GPUs configured, hide them all.
-            cuda_devices=device if self.ledger.has_gpus else "",
+            # Pin the job to its devices, rank i to the i-th; with no GPUs
+            # configured, hide them all.
+            cuda_devices=",".join(devices) if self.ledger.has_gpus else "",
             nice=self.job_nice,
+            nprocs=nprocs,
+            # The worker stops its ranks with the same grace the server gives it.
+            kill_grace=self.kill_grace,
         )
         try:
             handle = await asyncio.to_thread(self._start_process, files, job.python, env)
@@ -355,12 +393,22 @@ class JobManager:
         self._starting.discard(job.id)
         now = time.time()
         job.run = run
-        job.device = device
+        job.device = devices[0]
+        job.devices = list(devices)
         job.process = handle.to_json()
         job.started = now
         job.ended = None
         job.escalation = None
-        job.runs.append({"run": run, "started": now, "pid": handle.pid, "device": device})
+        job.runs.append(
+            {
+                "run": run,
+                "started": now,
+                "pid": handle.pid,
+                "device": devices[0],
+                "devices": list(devices),
+                "nprocs": nprocs,
+            }
+        )
         self.set_state(job, JobState.RUNNING, "running")
         self.backend.watch(handle, functools.partial(self._run_ended, job))
 

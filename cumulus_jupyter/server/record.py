@@ -45,11 +45,17 @@ class JobRecord:
     created: float = 0.0
     #: The duration limit of each run, in seconds (None: no limit).
     duration: float | None = None
+    #: How many processes (ranks) each run starts; a resume may change it.
+    nprocs: int = 1
     queued_at: float | None = None
     #: How many runs have started; ``runs`` has one entry per run.
     run: int = 0
     runs: list[dict[str, Any]] = field(default_factory=list)
+    #: The first device of the current (or last) run, as before runs had ranks.
     device: str | None = None
+    #: Every device the current (or last) run holds: on a GPU host rank i runs
+    #: on the i-th; on a host without GPUs all ranks share ``["cpu"]``.
+    devices: list[str] = field(default_factory=list)
     #: The backend's handle of the current (or last) run's process.
     process: dict[str, Any] | None = None
     started: float | None = None
@@ -128,6 +134,16 @@ class JobRecord:
         values = {k: v for k, v in data.items() if k in known}
         values["state"] = JobState(data["state"])  # ValueError for an unknown state
         values["gpu_memory"] = float(data["gpu_memory"])
+        nprocs = data.get("nprocs", 1)
+        if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
+            raise ValueError(f"job.json has no valid 'nprocs' ({nprocs!r})")
+        devices = data.get("devices")
+        if devices is None:
+            # Written before jobs had ranks: the one device was the run's only one.
+            device = data.get("device")
+            values["devices"] = [device] if isinstance(device, str) else []
+        elif not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
+            raise ValueError(f"job.json has no valid 'devices' ({devices!r})")
         if values.get("message") is None:
             values["message"] = ""
         extra = {k: v for k, v in data.items() if k not in known and k != "damaged"}
@@ -147,6 +163,7 @@ class JobRecord:
             owner=owner,
             created=now,
             duration=submission.duration,
+            nprocs=submission.nprocs,
             queued_at=now,
             message=message,
         )

@@ -17,9 +17,34 @@ from ..shipping import parse_modules
 from ..spec import SpecError, parse_duration, parse_gpu_memory, parse_name, python_version
 
 SUBMIT_FIELDS = frozenset(
-    {"payload", "modules", "name", "gpu_memory", "duration", "python", "python_version"}
+    {"payload", "modules", "name", "gpu_memory", "duration", "nprocs", "python", "python_version"}
 )
-RESUME_FIELDS = frozenset({"checkpoint", "duration"})
+RESUME_FIELDS = frozenset({"checkpoint", "duration", "nprocs"})
+
+
+@dataclass(frozen=True)
+class RankLimit:
+    """How many ranks (processes) one job may ask for on this server, and why no more."""
+
+    most: int
+    #: Why no more, as the end of a sentence: "this server has 2 GPUs and ...".
+    reason: str
+
+    def check(self, value: Any) -> int:
+        """``value`` as a number of ranks, or :class:`BadRequestError` saying what to send."""
+        # bool is an int subclass, but `"nprocs": true` is a mistake, not 1.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BadRequestError(
+                f"nprocs must be a whole number of processes (ranks), 1 or more, got {value!r}"
+            )
+        if value < 1:
+            raise BadRequestError(f"nprocs must be 1 or more (the number of ranks), got {value}")
+        if value > self.most:
+            raise BadRequestError(
+                f"nprocs={value} is more ranks than this server can run at once: "
+                f"{self.reason}; ask for at most {self.most}"
+            )
+        return value
 
 
 @dataclass(frozen=True)
@@ -32,6 +57,8 @@ class Submission:
     name: str
     gpu_memory: float
     duration: float | None
+    #: How many processes (ranks) each run starts.
+    nprocs: int
     #: The interpreter runs use: the submitter's own when it is on this host.
     python: str
     python_version: str
@@ -45,6 +72,8 @@ class ResumeRequest:
     checkpoint: str | None = None
     #: A new duration limit; None keeps the job's.
     duration: float | None = None
+    #: A new number of ranks for the next runs; None keeps the job's.
+    nprocs: int | None = None
 
 
 def _object(body: Any, allowed: frozenset[str], what: str) -> dict[str, Any]:
@@ -56,8 +85,11 @@ def _object(body: Any, allowed: frozenset[str], what: str) -> dict[str, Any]:
     return body
 
 
-def parse_submission(body: Any, max_payload_bytes: int) -> Submission:
-    """Check a submission; :class:`PayloadTooLargeError` past ``max_payload_bytes``."""
+def parse_submission(body: Any, max_payload_bytes: int, ranks: RankLimit) -> Submission:
+    """Check a submission; :class:`PayloadTooLargeError` past ``max_payload_bytes``.
+
+    ``ranks`` bounds ``nprocs`` (see :attr:`JobManager.rank_limit`).
+    """
     body = _object(body, SUBMIT_FIELDS, f"known fields: {sorted(SUBMIT_FIELDS)}")
     payload = _decode_payload(body.get("payload"), max_payload_bytes)
     try:
@@ -72,6 +104,7 @@ def parse_submission(body: Any, max_payload_bytes: int) -> Submission:
         name = parse_name(body.get("name"), default="job")
     except SpecError as e:
         raise BadRequestError(str(e)) from None
+    nprocs = ranks.check(body.get("nprocs", 1))
     version = body.get("python_version")
     if not isinstance(version, str) or not version:
         raise BadRequestError(
@@ -85,14 +118,15 @@ def parse_submission(body: Any, max_payload_bytes: int) -> Submission:
         name=name,
         gpu_memory=gpu_memory,
         duration=duration,
+        nprocs=nprocs,
         python=_choose_python(body.get("python"), version),
         python_version=version,
     )
 
 
-def parse_resume(body: Any) -> ResumeRequest:
-    """Check a resume body (empty: the newest checkpoint, the same limit)."""
-    body = _object(body, RESUME_FIELDS, "resume takes 'checkpoint' and 'duration'")
+def parse_resume(body: Any, ranks: RankLimit) -> ResumeRequest:
+    """Check a resume body (empty: the newest checkpoint, the same limit and ranks)."""
+    body = _object(body, RESUME_FIELDS, "resume takes 'checkpoint', 'duration' and 'nprocs'")
     checkpoint = body.get("checkpoint")
     if checkpoint is not None and (not isinstance(checkpoint, str) or not checkpoint):
         raise BadRequestError("checkpoint must be the name of one of the job's checkpoints")
@@ -100,7 +134,10 @@ def parse_resume(body: Any) -> ResumeRequest:
         duration = parse_duration(body.get("duration"))
     except SpecError as e:
         raise BadRequestError(str(e)) from None
-    return ResumeRequest(checkpoint=checkpoint, duration=duration)
+    nprocs = body.get("nprocs")
+    if nprocs is not None:
+        nprocs = ranks.check(nprocs)
+    return ResumeRequest(checkpoint=checkpoint, duration=duration, nprocs=nprocs)
 
 
 def _decode_payload(value: Any, limit: int) -> bytes:
