@@ -107,3 +107,28 @@ def test_cancel_reaches_a_rank_blocked_in_a_collective(server, tmp_path):
     wait_until(lambda: job.status() == "cancelled", timeout=60, what="the job to be cancelled")
     wait_until(lambda: not processes_of(job), timeout=30, what="every rank to be gone")
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)
+
+
+def test_a_job_of_two_ranks_outlives_a_killed_server_and_pauses_after(tmp_path):
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    srv = ServerProcess(tmp_path, kill_grace=3)
+    with serving(srv):
+        job = srv.client().run_async(jobfuncs.ranks_until_paused, args=[str(flags)], nprocs=2)
+        wait_until(
+            lambda: all((flags / f"running-{r}").exists() for r in (0, 1)),
+            timeout=120,
+            what="both ranks to step",
+        )
+        pids = sorted(p.pid for p in processes_of(job))
+        assert len(pids) == 3  # the run's process and its two ranks
+        srv.stop(signal.SIGKILL)
+        assert sorted(p.pid for p in processes_of(job)) == pids  # all still running
+        srv.start()
+        job = srv.client().get_job(job.id)
+        assert job.status() == "running"  # re-adopted
+        job.pause()
+        wait_until(lambda: job.status() == "paused", timeout=60, what="the job to pause")
+        steps = job.result(timeout=10)["steps"]
+        assert steps[0] == steps[1] >= 20
+        assert not processes_of(job)

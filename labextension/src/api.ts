@@ -36,6 +36,10 @@ export interface IJob {
   gpu_memory: number;
   duration: number | null;
   device: string | null;
+  /** How many processes (ranks) run the job's function. */
+  nprocs: number;
+  /** The devices its current or last run got, one per rank on a GPU host. */
+  devices: string[];
   message: string;
   elapsed: number | null;
   run: number;

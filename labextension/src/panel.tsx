@@ -211,7 +211,7 @@ function JobItem({
             {job.duration === null ? 'no limit' : clock(job.duration)}
           </span>
           {ACTIVE.has(job.state) ? (
-            <span title="the device it runs on, and its share of that device's memory">
+            <span title="the device(s) it runs on, and its share of each one's memory">
               {deviceLabel(job)} · {percent(job.gpu_memory)}
             </span>
           ) : (
@@ -353,8 +353,13 @@ function progressOf(
 }
 
 function deviceLabel(job: IJob): string {
+  const ranks = job.nprocs > 1 ? ` · ${job.nprocs} ranks` : '';
   if (job.state === 'queued' || job.device === null) {
-    return 'waiting for a device';
+    return `waiting for ${job.nprocs > 1 ? `${job.nprocs} devices` : 'a device'}`;
   }
-  return job.device === 'cpu' ? 'CPU' : `GPU ${job.device}`;
+  const devices = job.devices?.length ? job.devices : [job.device];
+  if (devices.every(d => d === 'cpu')) {
+    return `CPU${ranks}`;
+  }
+  return `GPU${devices.length > 1 ? 's' : ''} ${devices.join(', ')}${ranks}`;
 }
