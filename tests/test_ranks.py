@@ -132,3 +132,37 @@ def test_a_job_of_two_ranks_outlives_a_killed_server_and_pauses_after(tmp_path):
         steps = job.result(timeout=10)["steps"]
         assert steps[0] == steps[1] >= 20
         assert not processes_of(job)
+
+
+def test_the_widget_pauses_and_resumes_a_job_of_two_ranks(server, tmp_path):
+    from cumulus_jupyter.kernel.widgets import JobWidget
+
+    client = server.client()
+    job = client.run_async(jobfuncs.ranks_until_paused, args=[str(tmp_path)], nprocs=2)
+    w = JobWidget(job, poll_interval=0.2)
+    try:
+        wait_until(
+            lambda: all((tmp_path / f"running-{r}").exists() for r in (0, 1)),
+            timeout=120,
+            what="both ranks to step",
+        )
+        wait_until(lambda: w.state == "running", what="the widget to see the job run")
+        w.pause_button.click()
+        wait_until(lambda: w.state == "paused", timeout=60, what="the widget to see the pause")
+        steps = job.result(timeout=10)["steps"]
+        assert steps[0] == steps[1] >= 20
+        for r in (0, 1):
+            (tmp_path / f"running-{r}").unlink()
+        w.resume_button.click()
+        wait_until(
+            lambda: all((tmp_path / f"running-{r}").exists() for r in (0, 1)),
+            timeout=120,
+            what="both ranks to step again",
+        )
+        wait_until(lambda: w.state == "running", what="the widget to see the resume")
+        assert job.info()["run"] == 2 and job.info()["nprocs"] == 2
+        w.cancel_button.click()
+        wait_until(lambda: w.state == "cancelled", timeout=60, what="the widget to see the cancel")
+        wait_until(lambda: not processes_of(job), timeout=30, what="every rank to be gone")
+    finally:
+        w.close()
