@@ -21,62 +21,13 @@ def buttons(w):
     )
 
 
-class StubJob:
-    """A Job whose server always answers with ``record``: no log, no metrics."""
-
-    def __init__(self, record, checkpoints=()):
-        self.id, self.name, self.record = record["id"], record["name"], record
-        self.client = self
-        self.checkpoints = list(checkpoints)
-
-    def info(self):
-        return self.record
-
-    def get_checkpoints(self):
-        return self.checkpoints
-
-    def metrics(self):
-        return []
-
-    def get_logs(self, job_id, offset=0, wait=0.0):
-        return {"data": "", "next_offset": 0, "size": 0, "running": False}
-
-    def metrics_page(self, job_id, since=0):
-        return {"metrics": [], "next": 0}
-
-
 ACTIONS = ("pause", "resume", "cancel")
-SUBSETS = [[a for i, a in enumerate(ACTIONS) if mask >> i & 1] for mask in range(8)]
 
 
-@pytest.mark.parametrize("state", ["running", "paused", "completed"])
-@pytest.mark.parametrize("actions", SUBSETS, ids=lambda a: "+".join(a) or "none")
-def test_the_buttons_are_the_records_actions_whatever_the_state(state, actions):
-    # A cancelling job is running with no actions; the widget must not guess.
-    w = JobWidget(StubJob({"id": "stub", "name": "stub", "state": state, "actions": actions}))
-    try:
-        assert buttons(w) == tuple(a in actions for a in ACTIONS)
-    finally:
-        w.close()
-
-
-@pytest.mark.parametrize("resumable", [True, False])
-def test_the_checkpoint_browser_follows_the_records_actions(resumable):
-    actions = ["resume", "cancel", "delete"] if resumable else ["cancel", "delete"]
-    checkpoints = [
-        {"name": f"checkpoint-e0-s{s}.pt", "epoch": 0, "step": s, "time": s, "size": 10}
-        for s in (9, 19)
-    ]
-    record = {"id": "stub", "name": "stub", "state": "paused", "actions": actions}
-    browser = CheckpointBrowser(StubJob(record, checkpoints))
-    older, newest = (c["name"] for c in checkpoints)
-    browser.select.value = newest
-    assert browser.resume_button.disabled is not resumable
-    # The newest checkpoint of a job that can resume is the one it needs.
-    assert browser.delete_button.disabled is resumable
-    browser.select.value = older
-    assert browser.resume_button.disabled is not resumable
-    assert not browser.delete_button.disabled
+def the_records_actions(job):
+    """The buttons the job's record allows now (its ``actions``), as ``buttons`` gives them."""
+    actions = job.info()["actions"]
+    return tuple(a in actions for a in ACTIONS)
 
 
 @pytest.fixture
@@ -95,7 +46,7 @@ def test_buttons_control_the_job_and_follow_its_state(training):
     w = JobWidget(training, poll_interval=0.2)
     try:
         wait_until(lambda: w.state == "running", what="the widget to see the job run")
-        assert buttons(w) == (True, False, True)  # pause, resume, cancel
+        assert buttons(w) == (True, False, True) == the_records_actions(training)
         # A pause while the job still imports torch would stop it before its
         # first step: pause once the widget shows it training.
         wait_until(lambda: w.progress.value > 0, what="the widget to show progress")
@@ -103,7 +54,7 @@ def test_buttons_control_the_job_and_follow_its_state(training):
         w.pause_button.click()
         assert training.status() in ("pausing", "paused")
         wait_until(lambda: w.state == "paused", what="the widget to see the pause")
-        assert buttons(w) == (False, True, True)
+        assert buttons(w) == (False, True, True) == the_records_actions(training)
         assert "starting at epoch 0 step 0" in w.log_text
         assert w.progress.value > 0
         assert "<svg" in w.chart.value and "loss" in w.chart.value
@@ -115,7 +66,16 @@ def test_buttons_control_the_job_and_follow_its_state(training):
         w.cancel_button.click()
         wait_until(lambda: training.status() == "cancelled", what="the cancel")
         wait_until(lambda: w.state == "cancelled", what="the widget to see the cancel")
-        assert buttons(w) == (False, False, False)
+        assert buttons(w) == (False, False, False) == the_records_actions(training)
+        # A job that cannot resume needs none of its checkpoints: each one may go.
+        browser = CheckpointBrowser(training)
+        try:
+            for _, name in browser.select.options:
+                browser.select.value = name
+                assert browser.resume_button.disabled
+                assert not browser.delete_button.disabled
+        finally:
+            browser.close()
         # A finished job's widget stops polling; with no widget left the thread ends.
         wait_until(lambda: w not in widgets._live_widgets(), what="the widget to stop polling")
     finally:
