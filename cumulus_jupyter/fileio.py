@@ -56,10 +56,14 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bo
         fsync_dir(path.parent)
 
 
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as the JSON our files hold (indented, keys sorted, anything else as text)."""
+    return json.dumps(obj, indent=1, sort_keys=True, default=str).encode()
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, durable: bool = True) -> None:
     """Serialise ``obj`` as JSON and write it atomically (see :func:`atomic_write_bytes`)."""
-    data = json.dumps(obj, indent=1, sort_keys=True, default=str).encode()
-    atomic_write_bytes(path, data, durable=durable)
+    atomic_write_bytes(path, json_bytes(obj), durable=durable)
 
 
 def read_json(path: str | os.PathLike[str], default: Any = None) -> Any:

@@ -53,6 +53,8 @@ STATE = "state.json"
 OUTPUT = "output.log"
 METRICS = "metrics.jsonl"
 RESULT = "result.pkl"
+#: A rank's outcome for the worker that started it, in a job of several ranks.
+RANK_OUTCOME = ".rank-{rank}-outcome.pkl"
 CHECKPOINTS = "checkpoints"
 
 # -- environment of a run --------------------------------------------------------
@@ -222,6 +224,9 @@ class JobDir:
     @property
     def result(self) -> Path:
         return self.path / RESULT
+
+    def rank_outcome(self, rank: int) -> Path:
+        return self.path / RANK_OUTCOME.format(rank=rank)
 
     @property
     def checkpoints(self) -> Path:

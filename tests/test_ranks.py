@@ -12,14 +12,6 @@ from conftest import serving
 from servers import ServerProcess, wait_until
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with serving(
-        ServerProcess(tmp_path_factory.mktemp("ranks"), pause_timeout=10, kill_grace=3)
-    ) as srv:
-        yield srv
-
-
 def processes_of(job) -> list[psutil.Process]:
     """Every live process of the job: its run's process and the ranks it started."""
     found = []

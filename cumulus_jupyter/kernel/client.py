@@ -212,7 +212,7 @@ class CumulusClient:
         """Resume a paused, timed-out or lost job, from ``checkpoint`` (a name) or the latest.
 
         ``duration`` sets a new time limit and ``nprocs`` a new number of ranks
-        (its checkpoints are resharded to it); ``None`` keeps the job's.
+        for the next runs; ``None`` keeps the job's.
         """
         body: dict[str, Any] = {}
         if checkpoint is not None:

@@ -232,7 +232,7 @@ class Checkpointer:
             raise CheckpointError(
                 "Checkpointer.save in a job of several ranks (nprocs > 1) is not supported "
                 "yet: checkpoint from a job of one process, or save rank 0's state yourself "
-                "(torch.save, if context.rank() == 0)"
+                "(torch.save, if runtime.rank() == 0)"
             )
         self.wait()  # one save in flight at most, and surface its error now
         blocking = self.blocking if blocking is None else blocking

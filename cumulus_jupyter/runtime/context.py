@@ -101,9 +101,10 @@ def should_pause() -> bool:
     request reached them: all ranks stop after the same step.
     """
     global _pause_observed
-    asked = _pause_requested or (
-        _monotonic() >= _next_control_check and _look_at_control(_monotonic())
-    )
+    asked = _pause_requested
+    if not asked:
+        now = _monotonic()
+        asked = now >= _next_control_check and _look_at_control(now)
     if _agreement is not None:
         asked = _agreement(asked)
     if asked:

@@ -35,7 +35,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from ..jobdir import KILL_GRACE_ENV, NPROCS_ENV, PAUSE_SIGNAL, SEED_ENV
+from ..jobdir import KILL_GRACE_ENV, NPROCS_ENV, PAUSE_SIGNAL, SEED_ENV, JobDir
 from . import context
 from .context import JobInterrupted, request_pause
 
@@ -135,7 +135,7 @@ def run_ranks(
     signal.signal(signal.SIGTERM, forward)
     for rank in range(world):
         read_fd, write_fd = os.pipe()
-        outcome_file = job_dir / f".rank-{rank}-outcome.pkl"
+        outcome_file = JobDir(job_dir).rank_outcome(rank)
         outcome_file.unlink(missing_ok=True)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -204,7 +204,9 @@ def run_ranks(
         first = outcomes.get(0)
         if first is not None and first["outcome"]["ok"]:
             return first["outcome"], True, observed
-        return {"ok": True, "value": {"status": "interrupted", "signal": "SIGTERM"}}, True, observed
+        from .worker import interrupted_outcome
+
+        return interrupted_outcome(JobInterrupted(signal.SIGTERM)), True, observed
     # The cause, not its echoes: a rank killed from outside, else the rank
     # whose code raised first (the others then fail in their collectives).
     raised = sorted(
@@ -284,11 +286,14 @@ def _rank_main(
     )
     if devices:
         os.environ["CUDA_VISIBLE_DEVICES"] = devices[rank % len(devices)]
-    if not os.environ.get(SEED_ENV):
-        _reseed()  # forked ranks must not share random streams
-    context.set_rank(rank, world)
+    from .worker import failure_outcome, fresh_seeds, interrupted_outcome, settle_saves, setup_gpu
 
-    from .worker import failure_outcome, interrupted_outcome, setup_gpu
+    if not os.environ.get(SEED_ENV):
+        # Forked ranks must not share Python's and NumPy's streams; torch's
+        # stays the agent's on every rank, as torch's own default seed is the
+        # same in every process started cold.
+        fresh_seeds(torch=False)
+    context.set_rank(rank, world)
 
     interrupted = False
     failed_at: float | None = None
@@ -327,10 +332,7 @@ def _rank_main(
         # agent learns of the failure from its exit and stops the others.
         with contextlib.suppress(Exception):
             context.finish_agreement()
-    save_errors = context.wait_for_saves()
-    if save_errors and outcome["ok"]:
-        outcome = failure_outcome(save_errors[-1], {})
-        outcome["message"] = f"the last checkpoint could not be saved: {outcome['message']}"
+    outcome = settle_saves(outcome)
     if group is not None and finished:
         with contextlib.suppress(Exception):
             import torch.distributed as dist
@@ -357,14 +359,6 @@ def _rank_main(
     sys.stdout.flush()
     sys.stderr.flush()
     return 0 if outcome["ok"] else 1
-
-
-def _reseed() -> None:
-    import random
-
-    random.seed()
-    if "numpy" in sys.modules:
-        sys.modules["numpy"].random.seed()
 
 
 class PauseAgreement:

@@ -1,10 +1,11 @@
 """A warm template of runs: a process that has imported what jobs import and forks each run.
 
-    python -m cumulus_jupyter.runtime.template SOCKET PRELOAD_JSON
+    python -m cumulus_jupyter.runtime.template SOCKET PRELOAD_JSON [NICE]
 
 Started by the server (``CumulusApp.warm_workers``) with a job's environment
-minus what is particular to one run. It imports the modules of
-``PRELOAD_JSON`` and the worker, then answers one JSON line per connection on
+minus what is particular to one run. It takes the niceness ``NICE``
+(``CumulusApp.job_nice``), imports the modules of ``PRELOAD_JSON`` and the
+worker, then answers one JSON line per connection on
 the unix socket ``SOCKET``:
 
 - ``{"op": "start", "job_dir": D, "env": {...}}``: forks a run of the job in
@@ -28,7 +29,6 @@ import contextlib
 import importlib
 import json
 import os
-import random
 import select
 import signal
 import socket
@@ -57,13 +57,9 @@ def _become_run(job_dir: str, env: dict[str, str], defaults: dict[int, Any]) -> 
     os.environ.clear()
     os.environ.update(env)
     sys.argv = [sys.argv[0], job_dir]
-    # Forked children share the template's generator states: draw new seeds.
-    random.seed()
-    if "numpy" in sys.modules:
-        sys.modules["numpy"].random.seed()
-    if "torch" in sys.modules:
-        sys.modules["torch"].seed()
-    from .worker import exit_now, run
+    from .worker import exit_now, fresh_seeds, run
+
+    fresh_seeds(torch=True)  # forked children share the template's generator states
 
     code = 1
     try:

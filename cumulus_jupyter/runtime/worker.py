@@ -123,6 +123,40 @@ def failure_outcome(e: BaseException, origins: dict[str, str]) -> dict[str, Any]
     }
 
 
+def settle_saves(outcome: dict[str, Any]) -> dict[str, Any]:
+    """Wait for every asynchronous save; a failed one fails an outcome that was a success.
+
+    A pause or an exit counts only once the last checkpoint is durable.
+    """
+    save_errors = context.wait_for_saves()
+    if not (save_errors and outcome["ok"]):
+        return outcome
+    save_error = save_errors[-1]
+    tb = "".join(traceback.format_exception(save_error))
+    sys.stderr.write(tb)
+    return {
+        "ok": False,
+        "exc_type": f"{type(save_error).__module__}.{type(save_error).__qualname__}",
+        "message": f"the last checkpoint could not be saved: {save_error}",
+        "traceback": tb,
+    }
+
+
+def fresh_seeds(torch: bool) -> None:
+    """New seeds from the OS for ``random`` and NumPy (and torch too with ``torch``).
+
+    A forked process starts with its parent's generator states; a process
+    started cold draws its own.
+    """
+    import random
+
+    random.seed()
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
+    if torch and "torch" in sys.modules:
+        sys.modules["torch"].seed()
+
+
 def lower_priority(nice: int) -> None:
     """Give this process, and the session it leads, the niceness ``nice``."""
     if nice <= 0:
@@ -217,17 +251,7 @@ def run(job_dir: Path) -> int:
     # Ignore further signals while recording the outcome: a second SIGTERM
     # must not leave result.pkl and state.json disagreeing.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # A pause or an exit counts only once the last checkpoint is durable.
-    save_errors = context.wait_for_saves()
-    if save_errors and outcome["ok"]:
-        save_error = save_errors[-1]
-        outcome = {
-            "ok": False,
-            "exc_type": f"{type(save_error).__module__}.{type(save_error).__qualname__}",
-            "message": f"the last checkpoint could not be saved: {save_error}",
-            "traceback": "".join(traceback.format_exception(save_error)),
-        }
-        sys.stderr.write(outcome["traceback"])
+    outcome = settle_saves(outcome)
     final = run_outcome(
         ok=outcome["ok"],
         stopped=interrupted or observed or pause_observed(),

@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -192,7 +193,7 @@ class JobManager:
         if request.duration is not None:
             job.duration = request.duration
         if request.nprocs is not None:
-            # The next run starts this many ranks; its checkpoints are resharded on load.
+            # The next run starts this many ranks.
             job.nprocs = request.nprocs
         self.store.write_control(
             job_id, pause=False, cancel=False, reason=None, resume_checkpoint=checkpoint
@@ -237,9 +238,13 @@ class JobManager:
         job = self.get(job_id)
         if not job.damaged:
             self._allow(Action.DELETE, job)
-        self.store.remove(job_id)
+        self.store.remove(job_id, on_error=functools.partial(self._not_removed, job_id))
         del self.jobs[job_id]
         self._notify(job_id)
+
+    def _not_removed(self, job_id: str, error: OSError) -> None:
+        # The job is gone from the list; its directory comes back at the next start.
+        self.log.error("cumulus: could not delete the directory of job %s: %s", job_id, error)
 
     # -- checkpoints -----------------------------------------------------------------
 
@@ -347,9 +352,7 @@ class JobManager:
             # every other request would wait for).
             self.ledger.take(job.id, devices, job.gpu_memory)
             self._starting.add(job.id)
-            task = asyncio.get_running_loop().create_task(self._start_run(job, devices))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._start_run(job, devices))
 
     async def _start_run(self, job: JobRecord, devices: list[str]) -> None:
         files = self.store.dir(job.id)
@@ -457,7 +460,11 @@ class JobManager:
                 self._record_end(job, exit_code)
             self.admit()
 
-        task = asyncio.get_running_loop().create_task(collect_then_record())
+        self._spawn(collect_then_record())
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as a task of the loop, kept until it is done."""
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import JobNotFoundError
-from ..fileio import FILE_MODE, atomic_write_bytes, atomic_write_json, make_private_dir, read_json
+from ..fileio import (
+    FILE_MODE,
+    atomic_write_bytes,
+    atomic_write_json,
+    json_bytes,
+    make_private_dir,
+    read_json,
+)
 from ..jobdir import JobDir
 from ..manifest import CheckpointIndex
 from ..metrics import newest_per_step, with_run
@@ -196,7 +203,7 @@ class JobStore:
         # Serialised now: the record goes on changing. Not fsynced: written on
         # every state change. After a power loss the job's own state.json
         # settles what happened.
-        data = json.dumps(record, indent=1, sort_keys=True, default=str).encode()
+        data = json_bytes(record)
         path = self.dir(job_id).record
         self.writer.submit(
             job_id,
@@ -210,10 +217,10 @@ class JobStore:
         files = self.dir(job_id)
         self.writer.submit(job_id, lambda: files.write_control(**changes))
 
-    def remove(self, job_id: str) -> None:
+    def remove(self, job_id: str, on_error: Callable[[OSError], None] | None = None) -> None:
         """Delete the job's directory once the changes waiting for it are done."""
         path = self.path(job_id)
-        self.writer.submit(job_id, lambda: shutil.rmtree(path, ignore_errors=True))
+        self.writer.submit(job_id, lambda: shutil.rmtree(path), on_error=on_error)
 
     async def settled(self, job_id: str) -> None:
         """Return once the changes asked for ``job_id`` so far are on disk."""
