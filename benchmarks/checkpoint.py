@@ -1,6 +1,7 @@
 """Checkpoint speed, measured side by side in one run against plain PyTorch.
 
     python benchmarks/checkpoint.py [--mb 500] [--repeat 9] [--dir DIR]
+    python benchmarks/checkpoint.py --nprocs N [--mb 500] [--repeat 9] [--dir DIR]
 
 A model of about ``--mb`` MB of float32 parameters is trained with Adam, so
 the checkpoint holds about three times that (weights and both moment
@@ -35,22 +36,50 @@ the device idle.
 
 "Inside the persist window" counts only the training steps that ended while
 the background write was still running, over the time they took.
+
+``--nprocs N`` (N >= 2) measures sharded checkpoints instead. N gloo ranks
+(``run_ranks``, forked once and alive for every round) each hold a
+DistributedDataParallel copy of the same model with the same Adam state and
+save it with the Checkpointer: one sharded checkpoint, blocking, then
+asynchronously (the time training is blocked, and the time until ``wait()``
+returns: durable and listed). The baseline is the same I/O on the same
+ranks: a plain ``torch.distributed.checkpoint.save`` of the same
+``get_state_dict(model, optimizer)`` with ``FileSystemWriter(dir,
+sync_files=True)`` into a fresh directory, so sharded / plain shows what the
+Checkpointer adds (rank files, the hash and second fsync of every file, the
+rename, the manifest, the collectives that agree on all that). For scale,
+one process (a thread of the parent, while the ranks wait) saves the same
+model with the Checkpointer, blocking and asynchronously. Every N-rank time
+is the slowest rank's, from the call (the ranks leave a barrier together)
+to its return. The single process and every rank run the same number of
+torch threads; every save starts from an empty checkpoint directory; each
+round runs its measurements in the reverse order of the previous one. The
+ratios, per round and their medians, have no goals: they are for
+information.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
+import shutil
 import statistics
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    # Imported where used: CUMULUS_JOB_DIR must be set first.
+    from cumulus_jupyter.manifest import CheckpointIndex
+    from cumulus_jupyter.runtime import Checkpointer
 
 
 def build(mb: int) -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor]:
@@ -100,9 +129,324 @@ def in_thread(fn: Callable[[], object]) -> Callable[[], None]:
     return run
 
 
+def async_save(
+    ckpt: Checkpointer, model: nn.Module, optimizer: torch.optim.Optimizer, step: int
+) -> tuple[float, float]:
+    """An asynchronous save with training idle: how long training is blocked, then how
+    much longer until the checkpoint is durable and listed."""
+    settle()
+    t = time.perf_counter()
+    ckpt.save(model, optimizer, 0, step, blocking=False)
+    settle()  # the GPU's copies are part of what training waits for
+    blocked = time.perf_counter() - t
+    ckpt.wait()
+    return blocked, time.perf_counter() - t - blocked
+
+
 def median(values: list[float]) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return statistics.median(finite) if finite else math.nan
+
+
+# -- --nprocs N: sharded checkpoints of N ranks --------------------------------
+
+
+def clear_checkpoints(index: CheckpointIndex, root: Path) -> None:
+    """Remove every listed checkpoint and every plain dcp directory: each save starts
+    from an empty checkpoint directory and manifest, and the disk does not fill."""
+    for entry in index.entries():
+        index.remove(entry["name"])
+    for old in root.glob("dcp-*"):
+        shutil.rmtree(old)
+
+
+class Handoff:
+    """Rank 0 lends the machine to the single-process side, and waits until it is done.
+
+    The ranks are forked and stay alive across rounds, so the single process
+    cannot run between their measurements from the main thread (that one is
+    in ``run_ranks``): a thread of the parent process runs its turns. Two
+    pipes, made before the fork: rank 0 asks for a turn up one, the thread
+    answers down the other once the turn is done; the other ranks meanwhile
+    wait in a barrier.
+    """
+
+    def __init__(self) -> None:
+        self.up_read, self.up_write = os.pipe()
+        self.down_read, self.down_write = os.pipe()
+
+    def lend(self) -> None:
+        """In rank 0: run one turn of the single-process side, and wait for it."""
+        os.write(self.up_write, b"t")
+        if os.read(self.down_read, 1) != b"d":
+            raise RuntimeError("the single-process side failed (its error is printed at the end)")
+
+    def finish(self) -> None:
+        """No more turns (rank 0 at the end, the parent once the ranks are gone)."""
+        os.write(self.up_write, b"q")
+
+    def serve(self, turn: Callable[[], None], failed: list[BaseException]) -> None:
+        """In the parent's thread: run a turn whenever rank 0 asks, until told to stop."""
+        while os.read(self.up_read, 1) == b"t":
+            try:
+                turn()
+            except BaseException as e:  # reported by main_ranks() once the ranks are gone
+                failed.append(e)
+                os.write(self.down_write, b"x")
+                return
+            os.write(self.down_write, b"d")
+
+
+class SingleProcess:
+    """The single-process side of ``--nprocs``, run in turns by a thread of the parent.
+
+    The first turn builds the model (after the fork: the ranks inherit no
+    torch state that was in use) and warms up; each later turn is one round.
+    """
+
+    def __init__(self, mb: int, root: Path):
+        self.mb = mb
+        self.root = root
+        self.rows: dict[str, list[float]] = {}
+        self.size = 0  # bytes of one checkpoint file
+        self.turns = 0
+
+    def turn(self) -> None:
+        from cumulus_jupyter.runtime import Checkpointer
+
+        if self.turns == 0:
+            torch.manual_seed(0)  # the ranks' model, parameters and Adam state alike
+            self.model, self.optimizer, _ = build(self.mb)
+            self.ckpt = Checkpointer("single.pt")
+            self.steps = iter(range(10**6))
+            self.blocking()  # warm up, as the ranks do
+            self.size = int(self.ckpt.index.entries()[-1]["size"])
+            self.asynchronous()
+        else:
+            first = self.turns % 2 == 1  # the ranks' round i is turn i + 1
+            measures: list[Callable[[], None]] = [
+                lambda: self.record("single blocking", self.blocking()),
+                self.record_async,
+            ]
+            for measure in measures if first else measures[::-1]:
+                measure()
+        clear_checkpoints(self.ckpt.index, self.root)
+        self.turns += 1
+
+    def record(self, key: str, value: float) -> None:
+        self.rows.setdefault(key, []).append(value)
+
+    def blocking(self) -> float:
+        clear_checkpoints(self.ckpt.index, self.root)
+        return timed(lambda: self.ckpt.save(self.model, self.optimizer, 0, next(self.steps)))
+
+    def asynchronous(self) -> tuple[float, float]:
+        clear_checkpoints(self.ckpt.index, self.root)
+        return async_save(self.ckpt, self.model, self.optimizer, next(self.steps))
+
+    def record_async(self) -> None:
+        blocked, persisted = self.asynchronous()
+        self.record("single blocked", blocked)
+        self.record("single durable", blocked + persisted)
+
+
+def rank_rounds(
+    mb: int, repeat: int, root: Path, threads: int, handoff: Handoff
+) -> dict[str, Any] | None:
+    """In every rank: all the rounds of the N-rank measurements; rank 0 returns every
+    rank's timings (``ranks``, one dict of per-round lists each) and the sizes."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.nn.parallel import DistributedDataParallel
+
+    from cumulus_jupyter.manifest import HASH, checkpoint_files, file_hash
+    from cumulus_jupyter.runtime import Checkpointer, context
+
+    torch.set_num_threads(threads)
+    me, group = context.rank(), context.checkpoint_group()
+    torch.manual_seed(0)  # the same model and Adam state on every rank and in the parent
+    module, optimizer, x = build(mb)
+    model = DistributedDataParallel(module)  # the optimizer's parameters are the module's
+    train_step(model, optimizer, x)  # one DDP step: gradients in DDP's buckets, as in training
+    ckpt = Checkpointer("sharded.pt")
+    steps = iter(range(10**6))
+    plain_dirs = iter(range(10**6))  # every rank takes the same numbers: the same directory
+    rows: dict[str, list[float]] = {}
+    sizes: dict[str, int] = {}
+
+    def record(key: str, value: float) -> None:
+        rows.setdefault(key, []).append(value)
+
+    def clear() -> None:
+        dist.barrier(group=group)  # every rank is done with the previous measurement
+        if me == 0:
+            clear_checkpoints(ckpt.index, root)
+        dist.barrier(group=group)  # then all start together
+
+    def sharded_blocking() -> float:
+        clear()
+        return timed(lambda: ckpt.save(model, optimizer, 0, next(steps)))
+
+    def sharded_async() -> tuple[float, float]:
+        clear()
+        t = time.perf_counter()
+        ckpt.save(model, optimizer, 0, next(steps), blocking=False)
+        blocked = time.perf_counter() - t
+        ckpt.wait()
+        return blocked, time.perf_counter() - t
+
+    def plain_dcp() -> float:
+        clear()
+        target = root / f"dcp-{next(plain_dirs)}"
+
+        def save() -> None:
+            # The same state dicts the Checkpointer shards, the same process group.
+            model_sd, optimizer_sd = get_state_dict(model, optimizer)
+            dcp.save(
+                {"model": model_sd, "optimizer": optimizer_sd},
+                storage_writer=dcp.FileSystemWriter(target, sync_files=True),
+                process_group=group,
+            )
+
+        return timed(save)
+
+    def single_turn() -> None:
+        clear()
+        if me == 0:
+            handoff.lend()
+
+    def hash_of_last() -> None:
+        """Rank 0, outside any timing: how long hashing the last sharded checkpoint takes
+        (its files are in the page cache, as when the commit hashes them)."""
+        if me == 0:
+            files = checkpoint_files(Path(ckpt.path))
+            record("hash", timed(lambda: [file_hash(f, HASH) for f in files]))
+
+    # Warm up: the async stager's buffers, dcp's planning caches and the
+    # single side's model exist before the first round, as in a long run.
+    sharded_blocking()
+    if me == 0:
+        sizes["sharded"] = int(ckpt.index.entries()[-1]["size"])
+    sharded_async()
+    plain_dcp()
+    single_turn()
+
+    for i in range(repeat):
+        # Each round runs its measurements in the reverse order of the last,
+        # so drift over a round does not favour one side of a ratio.
+        def blocking_then_hash() -> None:
+            record("sharded blocking", sharded_blocking())
+            hash_of_last()
+
+        def asynchronous() -> None:
+            blocked, durable = sharded_async()
+            record("sharded blocked", blocked)
+            record("sharded durable", durable)
+
+        order: list[Callable[[], None]] = [
+            single_turn,
+            blocking_then_hash,
+            lambda: record("plain dcp", plain_dcp()),
+            asynchronous,
+        ]
+        for measure in order if i % 2 == 0 else order[::-1]:
+            measure()
+    clear()
+    if me == 0:
+        handoff.finish()
+    everyone: list[Any] = [None] * context.world_size()
+    dist.all_gather_object(everyone, rows, group=group)
+    return {"ranks": everyone, "sizes": sizes} if me == 0 else None
+
+
+def main_ranks(mb: int, repeat: int, where: str | None, nprocs: int) -> None:
+    """``--nprocs N``: sharded checkpoints of N gloo ranks, beside one process and plain dcp."""
+    root = Path(tempfile.mkdtemp(prefix="cumulus-bench-", dir=where))
+    job = root / "job"
+    job.mkdir()
+    os.environ["CUMULUS_JOB_DIR"] = str(job)
+    from cumulus_jupyter.runtime.ranks import run_ranks
+
+    threads = torch.get_num_threads()
+    single = SingleProcess(mb, root)
+    handoff = Handoff()
+    failed: list[BaseException] = []
+    server = threading.Thread(target=handoff.serve, args=(single.turn, failed), daemon=True)
+    server.start()
+    started = time.perf_counter()
+    outcome, _, _ = run_ranks(rank_rounds, (mb, repeat, root, threads, handoff), {}, nprocs, job)
+    handoff.finish()  # the ranks may have failed before rank 0 said so
+    server.join()
+    for p in sorted(root.rglob("*"), reverse=True):
+        p.unlink() if p.is_file() or p.is_symlink() else p.rmdir()
+    root.rmdir()
+    if failed:
+        raise failed[0]
+    if not outcome["ok"]:
+        raise SystemExit(f"the ranks failed: {outcome['message']}\n{outcome.get('traceback', '')}")
+    value: dict[str, Any] = outcome["value"]
+    ranks: list[dict[str, list[float]]] = value["ranks"]
+
+    # One number per round for the N-rank side: the slowest rank's.
+    rows: dict[str, list[float]] = dict(single.rows)
+    for key in ("sharded blocking", "sharded blocked", "sharded durable", "plain dcp"):
+        rows[key] = [max(r[key][i] for r in ranks) for i in range(repeat)]
+    ratios = [
+        ("sharded blocking / plain dcp.save", "sharded blocking", "plain dcp"),
+        ("sharded async until durable / plain dcp.save", "sharded durable", "plain dcp"),
+        ("sharded async blocked / plain dcp.save", "sharded blocked", "plain dcp"),
+        ("sharded blocking / single-process blocking", "sharded blocking", "single blocking"),
+        ("sharded async blocked / single-process blocked", "sharded blocked", "single blocked"),
+    ]
+    for label, top, bottom in ratios:
+        rows[label] = [a / b for a, b in zip(rows[top], rows[bottom], strict=True)]
+    med = {key: median(values) for key, values in rows.items()}
+
+    params = sum(p.numel() for p in single.model.parameters())
+    single_gb, sharded_gb = single.size / 1e9, value["sizes"]["sharded"] / 1e9
+    print(f"model: {params / 1e6:.0f}M parameters ({params * 4 / 2**20:.0f} MB) + Adam state")
+    print(
+        f"cores: {os.cpu_count()}; torch threads: {threads} in the single process and in each "
+        f"of {nprocs} ranks (gloo, DistributedDataParallel); each async save adds its writer "
+        "thread"
+    )
+    print(
+        f"checkpoint: {single_gb:.2f} GB as one file, {sharded_gb:.2f} GB sharded; "
+        f"rounds: {repeat} (interleaved); wall time {time.perf_counter() - started:.0f} s"
+    )
+    print("  (N ranks: each round's slowest rank, from the call on every rank)")
+    print(f"  {'':<50} {'median':>7}   {'min':>7}   {'max':>7}")
+    lines: list[tuple[str, str, float | None]] = [
+        ("1 process: Checkpointer save, blocking", "single blocking", single_gb),
+        ("1 process: async save, training blocked", "single blocked", None),
+        ("1 process: async save, until durable", "single durable", single_gb),
+        (f"{nprocs} ranks: plain dcp.save (sync_files=True)", "plain dcp", sharded_gb),
+        (f"{nprocs} ranks: Checkpointer save, blocking", "sharded blocking", sharded_gb),
+        (f"{nprocs} ranks: async save, training blocked", "sharded blocked", None),
+        (f"{nprocs} ranks: async save, until durable", "sharded durable", sharded_gb),
+    ]
+    timings = [key for _, key, _ in lines]
+    for label, key, gb in lines:
+        values = rows[key]
+        bw = f"  {gb / med[key]:5.2f} GB/s median" if gb is not None else ""
+        print(f"  {label:<50} {med[key]:7.3f} s {min(values):7.3f} s {max(values):7.3f} s{bw}")
+    print(
+        f"  rank 0 hashing a sharded checkpoint (page cache, outside the timings): "
+        f"{median(ranks[0]['hash']):.3f} s median"
+    )
+    for key in timings:
+        print(f"  {key + ' s, every round:':<50} " + ", ".join(f"{v:.3f}" for v in rows[key]))
+    for key in ("sharded blocking", "sharded blocked", "sharded durable", "plain dcp"):
+        per_rank = ", ".join(f"rank {r}: {median(t[key]):.3f}" for r, t in enumerate(ranks))
+        print(f"  {key + ' s, median per rank:':<50} {per_rank}")
+    print()
+    print("  ratios: the median of the per-round ratios (no goals: for information)")
+    for label, _, _ in ratios:
+        print(f"  {label:<50} {med[label]:7.3f}")
+    print("  per-round ratios:")
+    for label, _, _ in ratios:
+        print(f"    {label:<48} " + ", ".join(f"{v:.3f}" for v in rows[label]))
 
 
 def main() -> None:
@@ -110,9 +454,20 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=500, help="model size in MB (default 500)")
     parser.add_argument("--repeat", type=int, default=9, help="interleaved rounds (default 9)")
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    parser.add_argument(
+        "--nprocs",
+        type=int,
+        default=None,
+        help="N >= 2: sharded checkpoints of N gloo ranks instead (see the docstring)",
+    )
     args = parser.parse_args()
     # Leave a core for the writer thread, as a GPU job leaves the CPU mostly idle.
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    if args.nprocs is not None:
+        if args.nprocs < 2:
+            parser.error("--nprocs takes 2 or more ranks (one process is the default run)")
+        main_ranks(args.mb, args.repeat, args.dir, args.nprocs)
+        return
 
     root = Path(tempfile.mkdtemp(prefix="cumulus-bench-", dir=args.dir))
     os.environ["CUMULUS_JOB_DIR"] = str(root / "job")
@@ -173,13 +528,7 @@ def main() -> None:
     numbers = iter(range(10**6))
 
     def async_save_idle() -> tuple[float, float]:
-        settle()
-        t = time.perf_counter()
-        ckpt.save(model, optimizer, 0, next(numbers), blocking=False)
-        settle()  # the GPU's copies are part of what training waits for
-        blocked = time.perf_counter() - t
-        ckpt.wait()
-        return blocked, time.perf_counter() - t - blocked
+        return async_save(ckpt, model, optimizer, next(numbers))
 
     def rate_while_persisting() -> tuple[float, int, float]:
         """Steps/s of the steps that ended inside the persist window, their count, the window."""
@@ -249,9 +598,9 @@ def main() -> None:
             idle = idle_rate(train, 4)
         saved = Path(ckpt.path)
         expected = entry_hash(ckpt.index.get(saved.name))
-        pairs = [
-            ("torch.load mmap", lambda p=saved: mmap_load(p)),
-            ("verified read", lambda p=saved, h=expected: read_checkpoint(p, h)),
+        pairs: list[tuple[str, Callable[[], object]]] = [
+            ("torch.load mmap", functools.partial(mmap_load, saved)),
+            ("verified read", functools.partial(read_checkpoint, saved, expected)),
         ]
         for name, fn in pairs if first else pairs[::-1]:
             record(name, timed(fn))
@@ -261,7 +610,7 @@ def main() -> None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
 
-        restores = [
+        restores: list[tuple[str, Callable[[], object]]] = [
             ("plain restore", plain_restore),
             ("cumulus load", lambda: Checkpointer().load(model, optimizer)),
         ]

@@ -21,6 +21,12 @@ Each committed file also has a sidecar, ``.<file>.json``, holding its entry
 is rebuilt from the sidecars whose file still matches its recorded hash, so
 damage to one small file never unlists the checkpoints it described.
 
+A checkpoint saved by the ranks of one job is a directory of files (see
+``runtime/sharded.py``), listed with ``format: "dcp"``: its size is its files'
+total and its hash covers the list of their names, sizes and hashes
+(:func:`content_hash`). It is renamed into place, listed, rebuilt from its
+sidecar and deleted exactly as a file is.
+
 This module must not import torch: the server uses it.
 """
 
@@ -34,6 +40,7 @@ import mmap
 import os
 import re
 import secrets
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,6 +106,54 @@ def file_hash(path: Path, algorithm: str) -> str:
     return f"{algorithm}:{h.hexdigest()}"
 
 
+def content_hash(path: Path, algorithm: str) -> str:
+    """``algorithm:hexdigest`` of a checkpoint: a file's content, or a sharded one's files.
+
+    A sharded checkpoint (a directory written by several ranks) hashes the
+    list of its files, each as ``name, size, hash of its content``, in name
+    order: changing, truncating, adding or removing any shard changes it.
+    """
+    if not path.is_dir():
+        return file_hash(path, algorithm)
+    return tree_hash(
+        {f.name: (f.stat().st_size, file_hash(f, algorithm)) for f in checkpoint_files(path)}
+    )
+
+
+def tree_hash(files: dict[str, tuple[int, str]]) -> str:
+    """The hash of a sharded checkpoint from its files' ``{name: (size, "alg:hex")}``."""
+    algorithm = next(iter(files.values()))[1].split(":", 1)[0] if files else HASH
+    h = hasher(algorithm)
+    for name in sorted(files):
+        size, digest = files[name]
+        h.update(f"{name}\t{size}\t{digest}\n".encode())
+    return f"{algorithm}:{h.hexdigest()}"
+
+
+def content_size(path: Path) -> int:
+    """Bytes a checkpoint takes: its file, or all the files of a sharded one."""
+    if not path.is_dir():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in checkpoint_files(path))
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The regular files of a sharded checkpoint's directory (links are not followed)."""
+    return sorted(
+        (f for f in directory.iterdir() if f.is_file() and not f.is_symlink()),
+        key=lambda f: f.name,
+    )
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint's file or a sharded checkpoint's directory, if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 def valid_checkpoint_name(name: str) -> bool:
     """A bare file name: no separators, no leading dot, nothing like ``..``."""
     return bool(_NAME_RE.match(name)) and ".." not in name
@@ -150,8 +205,8 @@ class CheckpointIndex:
                     pid = int(match["pid"])
                     if pid == os.getpid() or _alive(pid):
                         continue
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+                if path.exists() or path.is_symlink():
+                    remove_checkpoint(path)
                     removed.append(path)
         return removed
 
@@ -175,7 +230,7 @@ class CheckpointIndex:
                 continue
             path = self.dir / filename
             # A link could point anywhere: only real files of this directory count.
-            if path.is_file() and not path.is_symlink():
+            if _present(path, entry):
                 out.append({**entry, "path": str(path)})
         return out
 
@@ -261,8 +316,7 @@ class CheckpointIndex:
             if valid_checkpoint_name(filename) and filename not in still_used:
                 # The file before its sidecar: a sidecar without a file is ignored.
                 for path in (self.dir / filename, _sidecar(self.dir, filename)):
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
+                    remove_checkpoint(path)
 
     def _read_or_rebuild(self) -> dict[str, Any]:
         """The manifest, rebuilt and written first if it is damaged (hold the lock)."""
@@ -320,19 +374,30 @@ class CheckpointIndex:
             sidecar.name != f".{filename}.json"
             or not valid_checkpoint_name(filename)
             or ":" not in recorded
-            or not path.is_file()
-            or path.is_symlink()
+            or not _present(path, entry)
         ):
             return None
         try:
             if (
-                path.stat().st_size != entry.get("size")
-                or file_hash(path, recorded.split(":", 1)[0]) != recorded
+                content_size(path) != entry.get("size")
+                or content_hash(path, recorded.split(":", 1)[0]) != recorded
             ):
                 return None
         except (OSError, ValueError):
             return None
         return entry
+
+
+#: ``format`` of a manifest entry whose checkpoint is a directory of shards
+#: written with ``torch.distributed.checkpoint`` by the ranks of one job.
+SHARDED = "dcp"
+
+
+def _present(path: Path, entry: dict[str, Any]) -> bool:
+    """Whether an entry's checkpoint is there: a real file, or a real directory if sharded."""
+    if path.is_symlink():
+        return False
+    return path.is_dir() if entry.get("format") == SHARDED else path.is_file()
 
 
 def _file_of(entry: dict[str, Any]) -> str:

@@ -745,3 +745,117 @@ def a_rank_fails(how, flag_dir, rank0_waits="in a collective"):
     else:
         time.sleep(600)  # in its own code: it notices nothing by itself
     return "unreachable"
+
+
+def ddp_train(
+    epochs=2, n=96, batch_size=4, step_seconds=0.0, every_steps=None, blocking=False, fsdp=False
+):
+    """A DDP (or FSDP) model over a DistributedSampler, with dropout and augmentation
+    randomness that differs by rank; on one rank, the plain model. Each rank keeps its
+    per-step losses in the checkpoint's ``extra``. Rank 0 returns every rank's final
+    state, losses, and the state it loaded, as ``get_state_dict`` gives them."""
+    import random
+    import time
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+    from cumulus_jupyter.runtime import rank, report, world_size
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    random.seed(rank())
+    np.random.seed(rank())
+
+    class Augmented(Dataset):
+        def __init__(self):
+            g = torch.Generator().manual_seed(1)
+            self.x = torch.randn(n, 6, generator=g)
+            self.y = torch.randn(n, 1, generator=g)
+
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            jitter = torch.randn(6) * 0.01 + np.random.normal() * 0.01 + random.random() * 0.01
+            return self.x[i] + jitter, self.y[i]
+
+    def whole(state):
+        """A copy of get_state_dict's state, FSDP's shards gathered: comparable across runs."""
+        if isinstance(state, dict):
+            return {k: whole(v) for k, v in state.items()}
+        if isinstance(state, list):
+            return [whole(v) for v in state]
+        if hasattr(state, "full_tensor"):
+            return state.full_tensor()
+        return state.clone() if isinstance(state, torch.Tensor) else state
+
+    def current():
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optimizer_sd = get_state_dict(model, optimizer)
+        return whole({"model": model_sd, "optimizer": optimizer_sd})
+
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
+    model = net
+    if world_size() > 1 and fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        model = fully_shard(net)
+    elif world_size() > 1:
+        model = DistributedDataParallel(net)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    data = Augmented()
+    sampler = DistributedSampler(data, num_replicas=world_size(), rank=rank(), seed=3)
+    loader = DataLoader(data, batch_size=batch_size, sampler=sampler)
+    ckpt = Checkpointer(blocking=blocking)
+    losses, loaded = [], None
+    if ckpt.exists():
+        info = ckpt.load(model, optimizer)
+        losses = info["extra"]["losses"]
+        loaded = {**current(), "epoch": info["epoch"], "step": info["step"], "name": info["name"]}
+    for epoch, step, (x, y) in ckpt.loop(loader, epochs=epochs):
+        loss = (model(x) - y).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append([epoch, step, loss.item()])
+        report(epoch=epoch, step=step, loss=loss.item())
+        if step_seconds:
+            time.sleep(step_seconds)
+        if should_pause():
+            ckpt.save(model, optimizer, epoch, step, extra={"losses": losses})
+            return {"status": "paused", "epoch": epoch, "step": step}
+        if every_steps and ckpt.time_to_checkpoint(step, every_steps=every_steps):
+            ckpt.save(model, optimizer, epoch, step, extra={"losses": losses})
+    mine = {"losses": losses, "loaded": loaded, "world_size": world_size(), **current()}
+    everyone = [mine]
+    if world_size() > 1:
+        everyone = [None] * world_size()
+        dist.all_gather_object(everyone, mine)
+    return {"status": "completed", "ranks": everyone}
+
+
+def sharded_save_forever():
+    """Every rank saves a changing 8 MB DDP model, sharded, until killed or paused;
+    a run loads the newest checkpoint first."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    model = DistributedDataParallel(torch.nn.Linear(1024, 2048))
+    ckpt = Checkpointer(keep_last=3)
+    step = 0
+    if ckpt.exists():
+        step = ckpt.load(model)["step"] + 1
+        print(f"loaded checkpoint at step {step - 1}", flush=True)
+    while not should_pause():
+        with torch.no_grad():
+            model.module.weight.add_(1.0)
+        ckpt.save(model, None, 0, step)
+        step += 1
+    return {"status": "paused"}

@@ -184,11 +184,82 @@ def check_counters_and_schedulers(nb: Any, server: Any) -> None:
         assert (result["first"], result["last"]) == (resumed_at, total_steps - 1)
 
 
+def check_ddp_pause_resume(nb: Any, server: Any) -> None:
+    ranks_steps, one_rank_steps, epochs = 32, 64, 3  # 4096 samples, 64 a batch per rank
+    assert widget_outputs(only_cell(nb, "%%cumulus --nprocs 2")), "no job widget"
+    assert widget_outputs(only_cell(nb, "job  # a Job shows as its widget"))
+
+    pause_cell = only_cell(nb, "paused = job.result(")
+    paused = printed_dict(text_of(pause_cell), "status", "paused")
+    assert "state: paused" in text_of(pause_cell)
+    assert paused["world_size"] == 2 and paused["start_step"] == 0
+    pause_step = paused["last_step"]
+    assert 0 < pause_step < epochs * ranks_steps - 1
+
+    listing = text_of(only_cell(nb, "Available checkpoints"))
+    count = int(re.search(r"Available checkpoints: (\d+)", listing).group(1))
+    rows = re.findall(
+        r"(checkpoint-e(\d+)-s(\d+)\.dcp)\s+epoch (\d+)\s+step\s+(\d+)\s+"
+        r"format (\S+)\s+ranks (\d+)\s+(\d+) bytes",
+        listing,
+    )
+    # One entry for the checkpoint both ranks saved, at the batch the job paused after.
+    assert count == len(rows) == 1, listing
+    name, e, s, epoch, step, fmt, ranks, size = rows[0]
+    assert (e, s) == (epoch, step) and (fmt, ranks) == ("dcp", "2")
+    epoch, step = int(epoch), int(step)
+    assert epoch * ranks_steps + step == pause_step
+    shown = re.search(r"files: (\[.*\])", listing)
+    assert shown, listing
+    files = ast.literal_eval(shown.group(1))
+    assert {".metadata", "rank-0.pt", "rank-1.pt"} <= set(files), files
+    assert any(f.endswith(".distcp") for f in files), files
+
+    resumed_cell = only_cell(nb, "job.resume(nprocs=1)")
+    resumed = text_of(resumed_cell)
+    final = printed_dict(resumed, "status", "completed")
+    match = re.search(r"resumed at step (\d+) \(paused at step (\d+)\)", resumed)
+    assert match, resumed
+    start, paused_at = int(match.group(1)), int(match.group(2))
+    assert start == paused_at + 1 == pause_step + 1 == final["start_step"]
+    assert final["world_size"] == 1
+    assert "the run that finished had world size 1" in resumed
+    assert "runs: 2, ranks per run: [2, 1]" in resumed
+    # On one rank an epoch has twice the batches: the rest of the paused epoch, then
+    # the later epochs whole.
+    rest = (one_rank_steps - step - 1) + (epochs - 1 - epoch) * one_rank_steps
+    assert final["last_step"] == pause_step + rest
+    assert final["accuracy"] > 0.5  # four classes: chance is 25%
+    assert f"final loss {final['loss']:.4f}" in resumed
+
+    logs = text_of(only_cell(nb, "print(job.logs())")).splitlines()
+    for r in (0, 1):
+        assert f"[rank {r}] rank {r} of 2: starting at step 0" in logs
+        assert f"[rank {r}] rank {r} of 2: paused after step {pause_step}" in logs
+    assert f"rank 0 of 1: starting at step {start}" in logs  # one process: no prefix
+    assert f"rank 0 of 1: completed after step {final['last_step']}" in logs
+
+    job = job_named(server, "ddp-pause-resume")
+    info = job.info()
+    assert info["state"] == "completed" and info["nprocs"] == 1
+    runs = info["runs"]
+    assert [(r["nprocs"], r["state"]) for r in runs] == [(2, "paused"), (1, "completed")]
+    assert job.result(timeout=10) == final
+    (entry,) = job.get_checkpoints()
+    assert (entry["name"], entry["epoch"], entry["step"]) == (name, epoch, step)
+    assert (entry["format"], entry["ranks"], entry["size"]) == ("dcp", 2, int(size))
+    # Rank 0 reported every global step: the first run up to the pause, the second
+    # from the step after it.
+    assert [m["step"] for m in job.metrics(run=1)] == list(range(pause_step + 1))
+    assert [m["step"] for m in job.metrics(run=2)] == list(range(start, final["last_step"] + 1))
+
+
 CHECKS = {
     "01_checkpointed_training": check_checkpointed_training,
     "02_pause_resume": check_pause_resume,
     "03_resume_from_checkpoint": check_resume_from_checkpoint,
     "04_counters_and_schedulers": check_counters_and_schedulers,
+    "05_ddp_pause_resume": check_ddp_pause_resume,
 }
 
 

@@ -101,7 +101,7 @@ def test_cancel_reaches_a_rank_blocked_in_a_collective(server, tmp_path):
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)
 
 
-def test_a_job_of_two_ranks_outlives_a_killed_server_and_pauses_after(tmp_path):
+def test_a_job_of_two_ranks_outlives_a_killed_server_then_pauses_and_resumes(tmp_path):
     flags = tmp_path / "flags"
     flags.mkdir()
     srv = ServerProcess(tmp_path, kill_grace=3)
@@ -124,6 +124,18 @@ def test_a_job_of_two_ranks_outlives_a_killed_server_and_pauses_after(tmp_path):
         steps = job.result(timeout=10)["steps"]
         assert steps[0] == steps[1] >= 20
         assert not processes_of(job)
+        # And resumed: both ranks run again, under the restarted server.
+        for r in (0, 1):
+            (flags / f"running-{r}").unlink()
+        job.resume()
+        wait_until(
+            lambda: all((flags / f"running-{r}").exists() for r in (0, 1)),
+            timeout=120,
+            what="both ranks to step after the resume",
+        )
+        assert job.info()["run"] == 2 and len(processes_of(job)) == 3
+        job.cancel()
+        wait_until(lambda: not processes_of(job), timeout=30, what="every rank to be gone")
 
 
 def test_the_widget_pauses_and_resumes_a_job_of_two_ranks(server, tmp_path):

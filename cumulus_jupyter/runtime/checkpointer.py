@@ -13,7 +13,7 @@ from typing import Any, Literal, overload
 from ..jobdir import JobDir
 from ..manifest import CheckpointIndex
 from ..metrics import POSITION_FIELDS
-from . import context
+from . import context, sharded
 from .context import job_dir, read_control
 from .loop import ExactLoop
 from .persist import (
@@ -29,9 +29,17 @@ from .persist import (
 from .reporting import last_reported
 from .retention import Retention
 from .rng import restore_rng_state
+from .sharded import SUFFIX, ShardedSaver
 from .state import check_schedulers, saved_global_step, scheduler_list, training_state
 
 __all__ = ["CheckpointError", "Checkpointer", "checkpoint_dir", "list_checkpoints"]
+
+
+def _read(path: Path, expected_hash: str | None) -> dict[str, Any]:
+    """A checkpoint's state: a file's, or this rank's of a sharded directory (checked whole)."""
+    if path.is_dir():
+        return sharded.read_rank_state(path, expected_hash)
+    return read_checkpoint(path, expected_hash)
 
 
 def checkpoint_dir() -> Path:
@@ -123,7 +131,9 @@ class Checkpointer:
         self._stem = re.sub(r"-e\d+-s\d+$", "", Path(fname).stem) or "checkpoint"
         self._suffix = Path(fname).suffix or ".pt"
         # The names this Checkpointer's saves get: retention prunes among these only.
-        self._series = re.compile(rf"{re.escape(self._stem)}-e\d+-s\d+{re.escape(self._suffix)}")
+        self._series = re.compile(
+            rf"{re.escape(self._stem)}-e\d+-s\d+({re.escape(self._suffix)}|{re.escape(SUFFIX)})"
+        )
         self.retention = Retention(keep_last, keep_every, keep_best, best_metric, best_mode)
         self.blocking = blocking
         self.index = CheckpointIndex(checkpoint_dir())
@@ -132,6 +142,7 @@ class Checkpointer:
         self._pending: threading.Thread | None = None
         self._pending_error: BaseException | None = None
         self._staging: dict[str, Any] | None = None  # last async snapshot, reused
+        self._sharded: ShardedSaver | None = None  # saves of a job of several ranks
         self._loop = ExactLoop()  # loop()'s position: what save() records, load() sets
         self.index.clean_stale_temporaries()
 
@@ -169,7 +180,7 @@ class Checkpointer:
     def exists(self) -> bool:
         """Whether there is a checkpoint to load."""
         target = self._explicit_target() or self._newest()
-        return target is not None and target.is_file()
+        return target is not None and (target.is_file() or target.is_dir())
 
     # -- save ------------------------------------------------------------------
 
@@ -227,49 +238,76 @@ class Checkpointer:
         ``torch.optim.lr_scheduler.LambdaLR``), or a list of them; pass the
         same to :meth:`load` to restore them.
         """
-        if context.world_size() > 1:
-            # Every rank would write the same file and manifest entry.
-            raise CheckpointError(
-                "Checkpointer.save in a job of several ranks (nprocs > 1) is not supported "
-                "yet: checkpoint from a job of one process, or save rank 0's state yourself "
-                "(torch.save, if runtime.rank() == 0)"
-            )
         self.wait()  # one save in flight at most, and surface its error now
         blocking = self.blocking if blocking is None else blocking
         if global_step is None:
             global_step = self._loop.global_step
         elif int(global_step) < 0:
             raise ValueError(f"global_step counts batches done: got {global_step}")
+        several = context.world_size() > 1
+        # A job of several ranks shards model and optimizer with
+        # torch.distributed.checkpoint; the rest is each rank's own.
         state = training_state(
-            model, optimizer, epoch, step, extra, global_step=global_step, scheduler=scheduler
+            None if several else model,
+            None if several else optimizer,
+            epoch,
+            step,
+            extra,
+            global_step=global_step,
+            scheduler=scheduler,
         )
         if (loop_state := self._loop.saved_state()) is not None:
             state["loop"] = loop_state
         if metrics is None:
             metrics = last_reported()
         entry_metrics = {k: v for k, v in (metrics or {}).items() if k not in POSITION_FIELDS}
-        name = f"{self._stem}-e{int(epoch)}-s{int(step)}{self._suffix}"
+        suffix = SUFFIX if several else self._suffix
+        name = f"{self._stem}-e{int(epoch)}-s{int(step)}{suffix}"
+        self._last_save_time = time.monotonic()
+        if several:
+            if self._sharded is None:
+                self._sharded = ShardedSaver()
+            final, complete = self._sharded.save(
+                self.index,
+                name,
+                model,
+                optimizer,
+                state,
+                entry_metrics,
+                self._apply_retention,
+                blocking=blocking,
+            )
+            self._last_saved = final
+            if blocking:
+                complete()
+            else:
+                self._start_background(complete, name)
+            return str(final)
         self.index.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Saving again at a listed epoch and step must not overwrite its file
         # before the manifest moves on: a kill in between would leave the
         # listed hash describing other bytes.
         final = self.index.dir / self.index.file_for(name)
         self._last_saved = final
-        self._last_save_time = time.monotonic()
         if blocking:
             self._persist(state, name, final, entry_metrics)
         else:
             state, ready = snapshot_for_write(state, self._staging)
             self._staging = state
-            self._pending = threading.Thread(
-                target=self._persist_in_background,
-                args=(state, ready, name, final, entry_metrics),
-                name=f"cumulus-save-{name}",
-                daemon=True,
-            )
-            context.track_save(self)
-            self._pending.start()
+
+            def complete() -> None:
+                ready()  # the copies from the GPU have landed
+                self._persist(state, name, final, entry_metrics)
+
+            self._start_background(complete, name)
         return str(final)
+
+    def _start_background(self, complete: Callable[[], None], name: str) -> None:
+        self._pending = threading.Thread(
+            target=self._in_background, args=(complete,), name=f"cumulus-save-{name}", daemon=True
+        )
+        context.track_save(self)
+        self._pending.start()
 
     def _persist(
         self, state: dict[str, Any], name: str, final: Path, metrics: dict[str, Any]
@@ -277,20 +315,12 @@ class Checkpointer:
         commit_checkpoint(self.index, state, name, final, metrics)
         self._apply_retention()
 
-    def _persist_in_background(
-        self,
-        state: dict[str, Any],
-        ready: Callable[[], None],
-        name: str,
-        final: Path,
-        metrics: dict[str, Any],
-    ) -> None:
+    def _in_background(self, complete: Callable[[], None]) -> None:
         # No lower priority for this thread: measured, a niced writer persists
         # about half as fast (nice also lowers its I/O priority) and training
         # gains nothing it can measure (benchmarks/checkpoint.py).
         try:
-            ready()  # the copies from the GPU have landed
-            self._persist(state, name, final, metrics)
+            complete()
         except BaseException as e:  # handed to the training thread by wait()
             self._pending_error = e
 
@@ -347,25 +377,32 @@ class Checkpointer:
             entry = self.index.get(checkpoint)
             path = Path(entry["path"]) if entry else Path(checkpoint).expanduser()
             entry = entry or entry_at(self.index, path)
-            state = read_checkpoint(path, entry_hash(entry))
+            state = _read(path, entry_hash(entry))
         elif (explicit := self._explicit_target()) is not None:
             path, entry = explicit, entry_at(self.index, explicit)
-            state = read_checkpoint(path, entry_hash(entry))
+            state = _read(path, entry_hash(entry))
         else:
-            path, entry, state = read_newest_good(self.index)
+            path, entry, state = read_newest_good(self.index, _read)
         name = entry["name"] if entry else path.name
         global_step = saved_global_step(state)
         schedulers = scheduler_list(scheduler)
         saved_schedulers = state.get("schedulers")
         if schedulers is not None:  # checked first: a refused load changes nothing
             check_schedulers(name, schedulers, saved_schedulers, global_step)
-        # The state is memory-mapped from the file: load_state_dict copies the
-        # model's tensors; the optimizer would keep references, so it gets a
-        # copy (the file may be deleted by retention while training goes on).
-        if model is not None and state.get("model") is not None:
-            model.load_state_dict(state["model"])
-        if optimizer is not None and state.get("optimizer") is not None:
-            optimizer.load_state_dict(snapshot(state["optimizer"]))
+        if "sharded" in state:
+            # Model and optimizer from the shards, resharded onto the ranks there are now.
+            sharded.load_shards(path, model, optimizer, state["sharded"])
+        elif context.world_size() > 1:
+            # A checkpoint of one process, resumed on several ranks: each takes it whole.
+            sharded.load_whole(state, model, optimizer)
+        else:
+            # The state is memory-mapped from the file: load_state_dict copies the
+            # model's tensors; the optimizer would keep references, so it gets a
+            # copy (the file may be deleted by retention while training goes on).
+            if model is not None and state.get("model") is not None:
+                model.load_state_dict(state["model"])
+            if optimizer is not None and state.get("optimizer") is not None:
+                optimizer.load_state_dict(snapshot(state["optimizer"]))
         if schedulers is not None:
             # After the optimizer: a scheduler's state matches the restored lr.
             for sched, saved in zip(schedulers, saved_schedulers or [], strict=True):

@@ -141,6 +141,25 @@ def set_agreement(agreement: Any) -> None:
     _agreement = agreement
 
 
+_checkpoint_group: Any = None
+
+
+def set_checkpoint_group(group: Any) -> None:
+    """Install the process group sharded checkpoints coordinate on (see :mod:`.sharded`)."""
+    global _checkpoint_group
+    _checkpoint_group = group
+
+
+def checkpoint_group() -> Any:
+    """The gloo group of this job's ranks reserved for checkpoints (None outside ranks).
+
+    A save's collectives run beside training (an asynchronous save finishes
+    in a background thread): on a group of their own they never interleave
+    with the training's collectives.
+    """
+    return _checkpoint_group
+
+
 def finish_agreement() -> None:
     """Wait for the agreement's last collective, before the process group goes."""
     if _agreement is not None:

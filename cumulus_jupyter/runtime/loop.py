@@ -38,6 +38,22 @@ def _generators(loader: Any) -> dict[str, torch.Generator]:
     return found
 
 
+def _set_epoch(loader: Any, epoch: int) -> None:
+    """Tell an epoch-seeded sampler (``DistributedSampler``) which epoch comes.
+
+    It shuffles with ``seed + epoch``, not a generator; training loops call
+    ``sampler.set_epoch(epoch)`` before each epoch, and the loop does it for them.
+    """
+    for owner in (
+        getattr(loader, "sampler", None),
+        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+    ):
+        set_epoch = getattr(owner, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+            return
+
+
 def capture_epoch_start(loader: Any) -> dict[str, Any]:
     """Every generator state that decides the coming epoch's order and worker seeds."""
     return {
@@ -140,6 +156,7 @@ class ExactLoop:
         elif self.global_step is None:  # a second loop() goes on counting
             self.global_step = 0
         while epoch < epochs:
+            _set_epoch(loader, epoch)
             if resume is not None and resume.epoch_start is not None:
                 # Same generator states as at the epoch's start: same order, same
                 # worker seeds. Then skip what was done and put every RNG back

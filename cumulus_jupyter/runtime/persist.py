@@ -297,8 +297,13 @@ def entry_at(index: CheckpointIndex, path: Path) -> dict[str, Any] | None:
     return next((e for e in index.entries() if e["path"] == str(path)), None)
 
 
-def read_newest_good(index: CheckpointIndex) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+def read_newest_good(
+    index: CheckpointIndex,
+    read: Callable[[Path, str | None], dict[str, Any]] | None = None,
+) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     """The newest checkpoint of ``index`` that reads back: its path, entry and state.
+
+    ``read(path, expected_hash)`` reads one (:func:`read_checkpoint` when not given).
 
     Corrupt newer ones are skipped, and said so on stderr; raises
     :class:`CheckpointError` when there is none or none can be read.
@@ -310,7 +315,7 @@ def read_newest_good(index: CheckpointIndex) -> tuple[Path, dict[str, Any], dict
     for entry in reversed(entries):
         path = Path(entry["path"])
         try:
-            state = read_checkpoint(path, entry_hash(entry))
+            state = (read or read_checkpoint)(path, entry_hash(entry))
         except CheckpointError as e:
             failures.append(str(e))
             continue

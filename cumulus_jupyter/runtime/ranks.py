@@ -317,6 +317,7 @@ def _rank_main(
         # with the training's on the default group.
         group = dist.new_group(backend="gloo")
         context.set_agreement(PauseAgreement(group))
+        context.set_checkpoint_group(dist.new_group(backend="gloo"))
         outcome = {"ok": True, "value": func(*args, **kwargs)}
     except JobInterrupted as e:
         interrupted = True

@@ -31,6 +31,7 @@ from ..shipping import Shipment, write_modules
 from ..spec import python_version
 from ..states import JobState
 from .persist import entry_hash, read_checkpoint
+from .sharded import read_whole
 
 #: Every generator starts from this state in both runs (see jobdir.SEED_ENV).
 _SEED = 20_26_11
@@ -67,8 +68,9 @@ class ResumeReport:
 class _Run:
     """One scratch job directory, run by the real worker in fresh processes."""
 
-    def __init__(self, directory: Path, shipment: Shipment):
+    def __init__(self, directory: Path, shipment: Shipment, nprocs: int):
         self.dir = directory
+        self.nprocs = nprocs
         self.files = JobDir(directory)
         self.dir.mkdir(mode=0o700, parents=True)
         atomic_write_bytes(self.files.payload, shipment.payload)
@@ -86,6 +88,7 @@ class _Run:
             self.dir,
             f"verify-{self.dir.name}",
             self.runs,
+            nprocs=self.nprocs,
             extra={PAUSE_AT_ENV: str(pause_at), SEED_ENV: str(_SEED)},
         )
         proc = start_worker(sys.executable, self.dir, env)
@@ -120,7 +123,10 @@ class _Run:
         latest = CheckpointIndex(self.files.checkpoints).latest()
         if latest is None:
             raise RuntimeError("the function paused without saving a checkpoint")
-        return read_checkpoint(Path(latest["path"]), entry_hash(latest))
+        path = Path(latest["path"])
+        if path.is_dir():  # saved by several ranks: every rank's state, under "ranks"
+            return read_whole(path, entry_hash(latest))
+        return read_checkpoint(path, entry_hash(latest))
 
     def reported(self) -> list[dict[str, Any]]:
         path = self.files.metrics
@@ -138,6 +144,7 @@ def verify_resume(
     *,
     steps: int = 20,
     pause_at: int | None = None,
+    nprocs: int = 1,
     timeout: float = 600,
 ) -> ResumeReport:
     """Check that ``fn`` continues bitwise exactly after a pause and a resume.
@@ -149,17 +156,23 @@ def verify_resume(
 
         report = verify_resume(train, steps=30)
         assert report, report   # prints what differs when it is not exact
+
+    With ``nprocs`` > 1 both runs are jobs of that many ranks (as
+    ``run_async(..., nprocs=N)`` runs them): the model and optimizer are
+    compared whole, and every rank's RNG states and position one by one.
     """
     from ..kernel.payload import ship_call
 
     pause_at = steps // 2 if pause_at is None else pause_at
     if not 1 <= pause_at < steps:
         raise ValueError(f"pause_at must be between 1 and steps - 1 ({steps - 1}), got {pause_at}")
+    if nprocs < 1:
+        raise ValueError(f"nprocs is a number of ranks, at least 1: got {nprocs}")
     shipment = ship_call(fn, tuple(args), dict(kwargs or {}))
     with tempfile.TemporaryDirectory(prefix="cumulus-verify-") as tmp:
-        straight = _Run(Path(tmp) / "straight", shipment)
+        straight = _Run(Path(tmp) / "straight", shipment, nprocs)
         straight.go(steps, timeout)
-        resumed = _Run(Path(tmp) / "resumed", shipment)
+        resumed = _Run(Path(tmp) / "resumed", shipment, nprocs)
         resumed.go(pause_at, timeout)
         resumed.go(steps, timeout)
         report = ResumeReport(steps, pause_at)
@@ -221,13 +234,27 @@ def _compare_states(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     why = _differs(opt_a.get("param_groups"), opt_b.get("param_groups"))
     if why:
         out.append(f"optimizer param_groups: {why}")
-    rng_a, rng_b = a.get("rng") or {}, b.get("rng") or {}
     rng_diffs = []
-    for name in sorted(set(rng_a) | set(rng_b)):
-        why = _differs(rng_a.get(name), rng_b.get(name))
-        if why:
-            rng_diffs.append(name)
-            out.append(f"RNG state {name!r} ({_RNG_NAMES.get(name, name)}) differs")
+    ranks_a, ranks_b = a.get("ranks"), b.get("ranks")
+    if isinstance(ranks_a, list) and isinstance(ranks_b, list):  # a sharded checkpoint
+        if len(ranks_a) != len(ranks_b):
+            out.append(f"{len(ranks_a)} ranks straight vs {len(ranks_b)} resumed")
+        pairs = [
+            (f"rank {r}: ", x, y) for r, (x, y) in enumerate(zip(ranks_a, ranks_b, strict=False))
+        ]
+        for where, x, y in pairs[1:]:  # rank 0's position is compared above
+            for key in ("epoch", "step", "global_step"):
+                if x.get(key) != y.get(key):
+                    out.append(f"{where}{key}: {x.get(key)} straight vs {y.get(key)} resumed")
+    else:
+        pairs = [("", a, b)]
+    for where, x, y in pairs:
+        rng_a, rng_b = x.get("rng") or {}, y.get("rng") or {}
+        for name in sorted(set(rng_a) | set(rng_b)):
+            why = _differs(rng_a.get(name), rng_b.get(name))
+            if why:
+                rng_diffs.append(name)
+                out.append(f"{where}RNG state {name!r} ({_RNG_NAMES.get(name, name)}) differs")
     if out and not rng_diffs:
         out.append(
             "every RNG the checkpoint holds (Python, NumPy, torch, CUDA, DataLoader) ends equal, "
