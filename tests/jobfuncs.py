@@ -242,25 +242,14 @@ def hold_until(path):
     return "released"
 
 
-def exact_train(
-    epochs=2, num_workers=0, n=160, batch_size=8, step_seconds=0.0, every_steps=None, leak=False
-):
-    """Shuffle, dropout, workers and Python/NumPy/torch randomness in augmentation:
-    everything that makes an inexact resume show. Returns the final state."""
+def augmented(n):
+    """``n`` samples of 6 features and a target; every read adds Python, NumPy and
+    torch noise, so a resume that restores any of those RNGs wrongly shows."""
     import random
-    import time
 
     import numpy as np
     import torch
-    from torch import nn
-    from torch.utils.data import DataLoader, Dataset
-
-    from cumulus_jupyter.runtime import report
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    random.seed(0)
-    np.random.seed(0)
+    from torch.utils.data import Dataset
 
     class Augmented(Dataset):
         def __init__(self):
@@ -275,9 +264,32 @@ def exact_train(
             jitter = torch.randn(6) * 0.01 + np.random.normal() * 0.01 + random.random() * 0.01
             return self.x[i] + jitter, self.y[i]
 
+    return Augmented()
+
+
+def exact_train(
+    epochs=2, num_workers=0, n=160, batch_size=8, step_seconds=0.0, every_steps=None, leak=False
+):
+    """Shuffle, dropout, workers and Python/NumPy/torch randomness in augmentation:
+    everything that makes an inexact resume show. Returns the final state."""
+    import random
+    import time
+
+    import numpy as np
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from cumulus_jupyter.runtime import report
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    loader = DataLoader(Augmented(), batch_size=batch_size, shuffle=True, num_workers=num_workers)
+    loader = DataLoader(augmented(n), batch_size=batch_size, shuffle=True, num_workers=num_workers)
     ckpt = Checkpointer()
     if ckpt.exists():
         ckpt.load(model, optimizer)
@@ -762,7 +774,7 @@ def ddp_train(
     import torch.distributed as dist
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
-    from torch.utils.data import DataLoader, Dataset, DistributedSampler
+    from torch.utils.data import DataLoader, DistributedSampler
 
     from cumulus_jupyter.runtime import rank, report, world_size
 
@@ -770,19 +782,6 @@ def ddp_train(
     torch.manual_seed(0)
     random.seed(rank())
     np.random.seed(rank())
-
-    class Augmented(Dataset):
-        def __init__(self):
-            g = torch.Generator().manual_seed(1)
-            self.x = torch.randn(n, 6, generator=g)
-            self.y = torch.randn(n, 1, generator=g)
-
-        def __len__(self):
-            return n
-
-        def __getitem__(self, i):
-            jitter = torch.randn(6) * 0.01 + np.random.normal() * 0.01 + random.random() * 0.01
-            return self.x[i] + jitter, self.y[i]
 
     def whole(state):
         """A copy of get_state_dict's state, FSDP's shards gathered: comparable across runs."""
@@ -809,7 +808,7 @@ def ddp_train(
     elif world_size() > 1:
         model = DistributedDataParallel(net)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    data = Augmented()
+    data = augmented(n)
     sampler = DistributedSampler(data, num_replicas=world_size(), rank=rank(), seed=3)
     loader = DataLoader(data, batch_size=batch_size, sampler=sampler)
     ckpt = Checkpointer(blocking=blocking)

@@ -264,6 +264,7 @@ def test_the_widgets_pause_two_ranks_and_resume_them_from_an_earlier_checkpoint(
         wait_until(lambda: w.state == "paused", timeout=60, what="the widget to see the pause")
         browser = CheckpointBrowser(job)
         assert len(browser.select.options) == len(job.get_checkpoints())
+        assert all(".dcp" in label and "2 ranks" in label for label, _ in browser.select.options)
         earlier = job.get_checkpoints()[-2]  # not the newest: the one the resume asks for
         saved = read_whole(Path(earlier["path"]), earlier["hash"])
         browser.select.value = earlier["name"]

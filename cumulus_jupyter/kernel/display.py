@@ -194,9 +194,11 @@ def checkpoint_rows(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
             for k, v in metrics_at(metrics, c).items()
         )
+        # A sharded checkpoint says how many ranks saved it (it resumes on any number).
+        ranks = f"{c['ranks']} ranks  " if c.get("ranks") else ""
         row = (
             f"{c['name']:<28} {c.get('epoch', ''):>5} {c.get('step', ''):>7}  {saved:<8} "
-            f"{format_size(c.get('size', 0)):>9}  {shown}"
+            f"{format_size(c.get('size', 0)):>9}  {ranks}{shown}"
         )
         rows.append((row + ("  ← latest" if c["name"] == latest else ""), c["name"]))
     return rows

@@ -67,6 +67,10 @@ export interface ICheckpoint {
   time: number;
   size: number;
   metrics: { [key: string]: unknown };
+  /** "dcp" for a checkpoint saved by the ranks of a job of several ranks. */
+  format?: string;
+  /** How many ranks saved it (sharded checkpoints only). */
+  ranks?: number;
 }
 
 /** One `report()` call of a job. */

@@ -74,6 +74,7 @@ export function CheckpointTable({
               <div className="jp-CumulusJob-checkpointFacts">
                 epoch {c.epoch} · step {c.step} ·{' '}
                 {new Date(c.time * 1000).toLocaleTimeString()} · {bytes(c.size)}
+                {c.ranks ? ` · ${c.ranks} ranks` : ''}
               </div>
             </div>
             <div className="jp-CumulusJob-rowActions">
