@@ -81,7 +81,14 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process: alive
         return True
-    return True
+    # A killed process whose parent died too stays a zombie until whoever
+    # inherits it reaps it: it exists, but it writes nothing any more.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc here: existing is all we can tell
+    return state not in (b"Z", b"X")
 
 
 #: The content hash of new checkpoints: XXH3-128 runs at memory bandwidth, so

@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 
 import jobfuncs
+import psutil
 import pytest
 import torch
+from servers import wait_until
 from torch import nn
 
 from cumulus_jupyter.manifest import CheckpointIndex
@@ -273,11 +275,19 @@ def test_temporaries_of_killed_writers_are_removed(job_dir):
         directory / ".manifest.json.k2j4l5m6.tmp",
         directory / "..checkpoint-e0-s1.pt.json.q1w2e3r4.tmp",
     ]
+    # A killed writer nobody has reaped yet (a zombie) exists, but writes no more.
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    wait_until(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE)
+    stale.append(directory / f".checkpoint-e0-s3.dcp.{zombie.pid}.0123abcd.tmp")
     alive = directory / f".checkpoint-e0-s2.pt.{os.getppid()}.0123abcd.tmp"
     for path in [*stale, alive]:
         path.write_bytes(b"partial")
+    stale[-1].unlink()
+    stale[-1].mkdir()  # the temporary directory of a sharded save
+    (stale[-1] / "__0_0.distcp").write_bytes(b"partial")
     Checkpointer()
     assert sorted(p.name for p in directory.glob(".*.tmp")) == [alive.name]
+    zombie.wait()
 
 
 def save_three(model, optimizer):
