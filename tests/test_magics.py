@@ -31,6 +31,7 @@ def error_of(kernel, code):
         ("--duration soon", "duration 'soon' is not understood"),
         ("--bogus", "unrecognized arguments"),
         ("--out 1x", "--out needs a variable name"),
+        ("--max-restarts -1", "max_restarts must be a whole number from 0 to 100"),
     ],
 )
 def test_cell_magic_argument_errors(kernel, client, line, match):
@@ -145,7 +146,7 @@ def test_wait_streams_output_and_renders_a_progress_bar_as_one_line(kernel):
 
 
 def test_without_wait_the_cell_shows_the_job_widget(kernel, client):
-    messages = kernel.ok("%%cumulus --gpu-memory 0.2 --out quick\n6 * 7")
+    messages = kernel.ok("%%cumulus --gpu-memory 0.2 --max-restarts 2 --out quick\n6 * 7")
     widgets = [
         m
         for m in messages
@@ -153,6 +154,7 @@ def test_without_wait_the_cell_shows_the_job_widget(kernel, client):
     ]
     assert len(widgets) == 1
     assert text_of(kernel.ok("print(quick.result(timeout=60))")).strip() == "42"
+    assert text_of(kernel.ok("print(quick.info()['max_restarts'])")).strip() == "2"
 
 
 def test_line_magics_control_a_job_and_attach_after_a_restart(kernel, client):

@@ -121,6 +121,7 @@ class CumulusClient:
         ship: Iterable[str] = (),
         *,
         nprocs: int = 1,
+        max_restarts: int = 0,
     ) -> Job:
         """Start ``func(*args, **kwargs)`` as a job and return its :class:`Job` at once.
 
@@ -133,6 +134,11 @@ class CumulusClient:
         the CPU): ``func`` is called in every rank with ``torch.distributed``
         initialised; the result is rank 0's return value. The server refuses
         more ranks than it has GPUs (or, without GPUs, CPU cores).
+
+        ``max_restarts`` restarts a run that dies without being asked (killed
+        from outside, out of memory) from its newest checkpoint, up to that
+        many times; the record's ``restarts`` lists each with its cause. A
+        run whose function raised is not restarted: that is a bug to fix.
 
         Your own modules that the call uses (``model.py`` beside the notebook,
         a local package) travel with it as source files; ``ship`` names more
@@ -157,6 +163,8 @@ class CumulusClient:
             # Sent only when it says something: a server from before ranks
             # refuses fields it does not know. The server checks the value.
             body["nprocs"] = nprocs
+        if max_restarts != 0:
+            body["max_restarts"] = max_restarts
         record = self._json("POST", "jobs", body)
         self.last_job = Job(self, record)
         return self.last_job
@@ -172,6 +180,7 @@ class CumulusClient:
         ship: Iterable[str] = (),
         *,
         nprocs: int = 1,
+        max_restarts: int = 0,
     ) -> Any:
         """Run ``func`` as a job, wait until it stops, and return what it returned.
 
@@ -182,7 +191,17 @@ class CumulusClient:
         A function that raised raises :class:`JobFailedError` here, with the
         remote traceback.
         """
-        job = self.run_async(func, args, kwargs, gpu_memory, duration, name, ship, nprocs=nprocs)
+        job = self.run_async(
+            func,
+            args,
+            kwargs,
+            gpu_memory,
+            duration,
+            name,
+            ship,
+            nprocs=nprocs,
+            max_restarts=max_restarts,
+        )
         return job.result()
 
     # -- jobs ------------------------------------------------------------------

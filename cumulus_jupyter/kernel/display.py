@@ -113,6 +113,7 @@ def job_header_html(record: Mapping[str, Any]) -> str:
     elif device:
         where = f" of GPU {html.escape(str(device))}"
     message = job_message(record)
+    restarted = restarts_text(record)
     return (
         '<div style="font-family:var(--jp-ui-font-family, sans-serif)">'
         f"<b>{html.escape(f['name'])}</b> "
@@ -122,7 +123,21 @@ def job_header_html(record: Mapping[str, Any]) -> str:
         f" &nbsp; elapsed {f['elapsed']} / {f['duration']} &nbsp; GPU share {f['gpu_memory']}"
         + where
         + (f'<br><span style="color:#555">{html.escape(message)}</span>' if message else "")
+        + (f'<br><span style="color:#ef6c00">{html.escape(restarted)}</span>' if restarted else "")
         + "</div>"
+    )
+
+
+def restarts_text(record: Mapping[str, Any]) -> str:
+    """How often a lost run was started again, and the last cause; "" when never."""
+    restarts = record.get("restarts") or []
+    if not restarts:
+        return ""
+    last = restarts[-1]
+    when = time.strftime("%H:%M:%S", time.localtime(last.get("time", 0)))
+    return (
+        f"restarted {len(restarts)} of {record.get('max_restarts', len(restarts))} times; "
+        f"last at {when}, after run {last.get('run')} was lost: {last.get('cause', '')}"
     )
 
 

@@ -112,6 +112,14 @@ class CumulusMagics(Magics):
         help="Run the cell in N processes (ranks), one GPU each, with torch.distributed "
         "initialised; the result is rank 0's (default 1).",
     )
+    @argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Start a run that dies without being asked (killed, out of memory) again from "
+        "its newest checkpoint, up to N times (default 0).",
+    )
     @argument("--name", default=None, help="The job's name (default: the cell's number).")
     @argument("--wait", action="store_true", help="Stream the output here and return the result.")
     @argument("--out", default=None, help="Bind the Job to this variable.")
@@ -129,8 +137,8 @@ class CumulusMagics(Magics):
 
         Cell magic::
 
-            %%cumulus [--gpu-memory F] [--duration D] [--nprocs N] [--name NAME] [--wait]
-                      [--out VAR] [--ship MODULE]
+            %%cumulus [--gpu-memory F] [--duration D] [--nprocs N] [--max-restarts N]
+                      [--name NAME] [--wait] [--out VAR] [--ship MODULE]
 
         The cell runs in its own process with a share of a GPU, independent
         of this kernel. Names it reads from the notebook (data, tensors,
@@ -142,6 +150,8 @@ class CumulusMagics(Magics):
         output streams here and the result is the cell's value. With
         --nprocs N the cell runs in N processes (ranks), each on a GPU of its
         own, with torch.distributed initialised; the result is rank 0's.
+        With --max-restarts N a run that dies without being asked starts
+        again from its newest checkpoint, up to N times.
 
         Line magic::
 
@@ -191,6 +201,7 @@ class CumulusMagics(Magics):
                 name=name,
                 ship=args.ship,
                 nprocs=args.nprocs,  # checked by the server, whose message says what to do
+                max_restarts=args.max_restarts,
             )
         except CumulusError as e:
             raise UsageError(str(e)) from None

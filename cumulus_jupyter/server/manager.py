@@ -519,6 +519,29 @@ class JobManager:
         if not can_transition(job.state, new):
             new = JobState.LOST  # never leave a job stuck in an active state
         self.set_state(job, new, message)
+        # Died without being asked: nobody paused, cancelled or stopped it.
+        unasked = not (job.pause_requested or job.cancel_requested or job.escalation)
+        if new is JobState.LOST and unasked and len(job.restarts) < job.max_restarts:
+            self._restart(job, message)
+
+    def _restart(self, job: JobRecord, cause: str) -> None:
+        """Queue a lost run again: it continues from the newest good checkpoint."""
+        job.restarts.append({"run": job.run, "time": time.time(), "cause": cause})
+        self.log.warning(
+            "cumulus: job %s: run %d was lost (%s); restarting it (%d of %d)",
+            job.id,
+            job.run,
+            cause,
+            len(job.restarts),
+            job.max_restarts,
+        )
+        self.resume(job.id)
+        if job.state is JobState.QUEUED:  # not admitted at once: say why it waits again
+            job.message = (
+                f"restart {len(job.restarts)} of {job.max_restarts} after run {job.run} was "
+                f"lost; {job.message}"
+            )
+            self.save(job)
 
     def escalate(self, job_id: str, signal: Escalation) -> None:
         """Stop a run that did not stop when asked: SIGTERM (it may still save), or SIGKILL."""

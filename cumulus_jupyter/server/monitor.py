@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from typing import TYPE_CHECKING, Literal
 
@@ -77,7 +78,7 @@ def end_message(
     if new is JobState.LOST:
         message = (
             "the job process ended without recording an outcome"
-            + (f" (exit status {exit_code})" if exit_code is not None else "")
+            + _how_it_ended(exit_code)
             + "; see its log, resume it from its last checkpoint"
         )
         if last_line:
@@ -103,6 +104,17 @@ def end_message(
     if notes:
         message += f" ({'; '.join(notes)})"
     return message
+
+
+def _how_it_ended(exit_code: int | None) -> str:
+    """`` (killed by SIGKILL)`` for a negative status (as Popen gives it), else the status."""
+    if exit_code is None:
+        return ""
+    if exit_code < 0:
+        with contextlib.suppress(ValueError):
+            # SIGKILL from outside is also how the kernel's OOM killer ends a process.
+            return f" (killed by {signal.Signals(-exit_code).name}, exit status {exit_code})"
+    return f" (exit status {exit_code})"
 
 
 class Monitor:

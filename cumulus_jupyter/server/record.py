@@ -71,6 +71,11 @@ class JobRecord:
     #: The signal the server had to send to stop the run ("sigterm", "sigkill").
     escalation: str | None = None
     escalated_at: float | None = None
+    #: How many times a run that dies without being asked (killed from outside,
+    #: out of memory, its host lost) is started again from the newest checkpoint.
+    max_restarts: int = 0
+    #: Every such restart: the run that was lost, when, and why.
+    restarts: list[dict[str, Any]] = field(default_factory=list)
     #: Set when job.json could not be read: the job can only be deleted.
     damaged: bool = False
     #: Fields this version does not know (written by another one), kept as they were.
@@ -137,6 +142,11 @@ class JobRecord:
         nprocs = data.get("nprocs", 1)
         if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
             raise ValueError(f"job.json has no valid 'nprocs' ({nprocs!r})")
+        max_restarts = data.get("max_restarts", 0)
+        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+            raise ValueError(f"job.json has no valid 'max_restarts' ({max_restarts!r})")
+        if not isinstance(data.get("restarts", []), list):
+            raise ValueError("job.json has no valid 'restarts'")
         devices = data.get("devices")
         if devices is None:
             # Written before jobs had ranks: the one device was the run's only one.
@@ -164,6 +174,7 @@ class JobRecord:
             created=now,
             duration=submission.duration,
             nprocs=submission.nprocs,
+            max_restarts=submission.max_restarts,
             queued_at=now,
             message=message,
         )

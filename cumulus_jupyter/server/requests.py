@@ -17,7 +17,17 @@ from ..shipping import parse_modules
 from ..spec import SpecError, parse_duration, parse_gpu_memory, parse_name, python_version
 
 SUBMIT_FIELDS = frozenset(
-    {"payload", "modules", "name", "gpu_memory", "duration", "nprocs", "python", "python_version"}
+    {
+        "payload",
+        "modules",
+        "name",
+        "gpu_memory",
+        "duration",
+        "nprocs",
+        "max_restarts",
+        "python",
+        "python_version",
+    }
 )
 RESUME_FIELDS = frozenset({"checkpoint", "duration", "nprocs"})
 
@@ -62,6 +72,8 @@ class Submission:
     #: The interpreter runs use: the submitter's own when it is on this host.
     python: str
     python_version: str
+    #: How many times a run that dies unasked starts again from its newest checkpoint.
+    max_restarts: int = 0
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,7 @@ def parse_submission(body: Any, max_payload_bytes: int, ranks: RankLimit) -> Sub
     except SpecError as e:
         raise BadRequestError(str(e)) from None
     nprocs = ranks.check(body.get("nprocs", 1))
+    max_restarts = parse_max_restarts(body.get("max_restarts", 0))
     version = body.get("python_version")
     if not isinstance(version, str) or not version:
         raise BadRequestError(
@@ -121,7 +134,24 @@ def parse_submission(body: Any, max_payload_bytes: int, ranks: RankLimit) -> Sub
         nprocs=nprocs,
         python=_choose_python(body.get("python"), version),
         python_version=version,
+        max_restarts=max_restarts,
     )
+
+
+#: The most restarts one job may ask for: past that, a run that keeps dying
+#: needs someone to look at it.
+MAX_RESTARTS = 100
+
+
+def parse_max_restarts(value: Any) -> int:
+    """``max_restarts`` as a count, or :class:`BadRequestError` saying what to send."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_RESTARTS:
+        raise BadRequestError(
+            f"max_restarts must be a whole number from 0 to {MAX_RESTARTS}: how many times a "
+            f"run that dies without being asked starts again from its newest checkpoint; "
+            f"got {value!r}"
+        )
+    return value
 
 
 def parse_resume(body: Any, ranks: RankLimit) -> ResumeRequest:

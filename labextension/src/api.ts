@@ -43,6 +43,10 @@ export interface IJob {
   message: string;
   elapsed: number | null;
   run: number;
+  /** How many times a run that dies without being asked is started again. */
+  max_restarts?: number;
+  /** Each such restart: the run that was lost, when (seconds), and why. */
+  restarts?: { run: number; time: number; cause: string }[];
   resume_checkpoint: string | null;
   /**
    * What the user may do to this job now (the server's `actions()` of

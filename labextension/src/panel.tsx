@@ -237,6 +237,20 @@ function JobItem({
         {job.message && job.message !== job.state && (
           <div className="jp-CumulusJob-message">{job.message}</div>
         )}
+        {job.restarts && job.restarts.length > 0 && (
+          <div
+            className="jp-CumulusJob-restarts"
+            title={job.restarts
+              .map(
+                r =>
+                  `run ${r.run} lost at ${new Date(r.time * 1000).toLocaleTimeString()}: ${r.cause}`
+              )
+              .join('\n')}
+          >
+            restarted {job.restarts.length} of{' '}
+            {job.max_restarts ?? job.restarts.length} times after a lost run
+          </div>
+        )}
       </div>
       <div className="jp-CumulusJob-actions">
         <ActionButton
