@@ -510,3 +510,23 @@ def test_the_panel_plots_each_step_once_after_a_sigkill_and_resume(page, lab, cl
     # bottom of the 80-unit-high chart, run 2's (31..59, redone ones too) at the top.
     ys = [y for _, y in points]
     assert all(y > 60 for y in ys[:31]) and all(y < 20 for y in ys[31:]), ys
+
+
+def test_the_panel_shows_that_a_lost_run_was_restarted(page, lab, client):
+    job = client.run_async(
+        jobfuncs.exact_train,
+        kwargs={"step_seconds": 0.05, "every_steps": 2},
+        max_restarts=1,
+        name="panel-restarts",
+    )
+    open_lab(page, lab)
+    open_panel(page)
+    row = job_row(page, job.id)
+    expect(row).to_have_attribute("data-state", "running", timeout=60_000)
+    expect(row.locator(".jp-CumulusJob-restarts")).to_have_count(0)
+    wait_until(lambda: job.get_checkpoints(), timeout=120, what="a checkpoint")
+    os.kill(job.info()["process"]["pid"], signal.SIGKILL)
+    restarts = row.locator(".jp-CumulusJob-restarts")
+    expect(restarts).to_contain_text("restarted 1 of 1 times", timeout=60_000)
+    assert "killed by SIGKILL" in (restarts.get_attribute("title") or "")
+    expect(row).to_have_attribute("data-state", "completed", timeout=120_000)

@@ -251,9 +251,12 @@ def test_a_sharded_checkpoint_is_verified_rebuilt_and_deleted_like_a_file(server
     job.wait(timeout=120)
 
     # Deleting one (as the browser and the panel do) removes its whole directory.
-    client.delete_checkpoint(job.id, previous["name"])
-    assert previous["name"] not in [e["name"] for e in job.get_checkpoints()]
-    assert not Path(previous["path"]).exists()
+    # (Not necessarily `previous`: the resumed run saved on, and keep_last=3 pruned.)
+    oldest = job.get_checkpoints()[0]
+    assert Path(oldest["path"]).is_dir()
+    client.delete_checkpoint(job.id, oldest["name"])
+    assert oldest["name"] not in [e["name"] for e in job.get_checkpoints()]
+    assert not Path(oldest["path"]).exists()
 
 
 def test_the_widgets_pause_two_ranks_and_resume_them_from_an_earlier_checkpoint(server):
