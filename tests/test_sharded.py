@@ -143,9 +143,11 @@ def reshard_two_four_one(client):
     assert only["losses"][len(saved["extra"]["losses"])][:2] == [entry["epoch"], entry["step"] + 1]
 
 
-def test_a_checkpoint_of_one_process_resumes_on_two_ranks(server):
+@pytest.mark.parametrize("model", ["ddp", "fsdp"])
+def test_a_checkpoint_of_one_process_resumes_on_two_ranks(server, model):
     client = server.client()
-    job = client.run_async(jobfuncs.ddp_train, kwargs={"step_seconds": 0.05})
+    kwargs = {"step_seconds": 0.05, "fsdp": model == "fsdp"}  # one process: a plain model
+    job = client.run_async(jobfuncs.ddp_train, kwargs=kwargs)
     wait_until(lambda: len(job.metrics()) >= 4, timeout=120, what="steps")
     job.pause()
     job.wait(timeout=120)
