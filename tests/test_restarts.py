@@ -8,8 +8,10 @@ import os
 import signal
 
 import jobfuncs
+import psutil
 import pytest
-from servers import wait_until
+from conftest import serving
+from servers import ServerProcess, wait_until
 from test_exact_resume import STEPS, assert_same_state, losses
 
 from cumulus_jupyter.errors import BadRequestError, JobFailedError
@@ -103,3 +105,32 @@ def test_max_restarts_must_be_a_small_whole_number(client, value):
     with pytest.raises(BadRequestError, match="max_restarts must be a whole number from 0 to 100"):
         client.run_async(jobfuncs.add, args=[1], max_restarts=value)
     assert len(client.jobs()) == before
+
+
+def test_a_run_that_died_while_the_server_was_down_restarts_when_it_comes_back(tmp_path):
+    srv = ServerProcess(tmp_path, kill_grace=2)
+    with serving(srv):
+        client = srv.client()
+        reference = client.run(jobfuncs.exact_train)
+        job = client.run_async(
+            jobfuncs.exact_train, kwargs={"step_seconds": 0.05, "every_steps": 2}, max_restarts=1
+        )
+        wait_until(lambda: job.get_checkpoints(), timeout=120, what="a checkpoint")
+        pid = job.info()["process"]["pid"]
+        srv.stop(signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)  # the run dies while nobody watches
+        wait_until(lambda: not psutil.pid_exists(pid) or is_zombie(pid), what="the run to die")
+        srv.start()
+        job = srv.client().get_job(job.id)
+        result = job.result(timeout=300)
+        assert result["status"] == "completed"
+        (restart,) = job.info()["restarts"]
+        assert restart["run"] == 1 and "lost" not in job.status()
+        assert_same_state(result, reference)
+
+
+def is_zombie(pid):
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
