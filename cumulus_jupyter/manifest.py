@@ -122,9 +122,16 @@ def content_hash(path: Path, algorithm: str) -> str:
     """
     if not path.is_dir():
         return file_hash(path, algorithm)
-    return tree_hash(
-        {f.name: (f.stat().st_size, file_hash(f, algorithm)) for f in checkpoint_files(path)}
-    )
+    return tree_hash(file_listing(path, algorithm))
+
+
+def file_listing(
+    directory: Path, algorithm: str, names: list[str] | None = None
+) -> dict[str, tuple[int, str]]:
+    """``{name: (size, "alg:hex")}`` of a sharded checkpoint's files (or of ``names`` only)."""
+    if names is None:
+        names = [f.name for f in checkpoint_files(directory)]
+    return {n: ((directory / n).stat().st_size, file_hash(directory / n, algorithm)) for n in names}
 
 
 def tree_hash(files: dict[str, tuple[int, str]]) -> str:

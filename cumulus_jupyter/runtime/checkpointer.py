@@ -389,9 +389,9 @@ class Checkpointer:
         saved_schedulers = state.get("schedulers")
         if schedulers is not None:  # checked first: a refused load changes nothing
             check_schedulers(name, schedulers, saved_schedulers, global_step)
-        if "sharded" in state:
+        if path.is_dir():
             # Model and optimizer from the shards, resharded onto the ranks there are now.
-            sharded.load_shards(path, model, optimizer, state["sharded"])
+            sharded.load_shards(path, state, model, optimizer)
         elif context.world_size() > 1:
             # A checkpoint of one process, resumed on several ranks: each takes it whole.
             sharded.load_whole(state, model, optimizer)

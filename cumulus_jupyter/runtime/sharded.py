@@ -14,10 +14,11 @@ A checkpoint saved by the N ranks of a job is one directory,
 
 Saving (every rank calls ``Checkpointer.save`` at the same step, as after an
 agreed ``should_pause()``): rank 0 picks the directory and a temporary one
-beside it and tells the others; each rank writes its rank file and starts
-``dcp.async_save`` into the temporary directory, which returns once the
-state is copied to CPU memory. In the background, once every shard is
-written, rank 0 fsyncs and hashes every file, renames the directory into
+beside it and tells the others; each rank writes its rank file and its
+shards into the temporary directory (``dcp.save``; an asynchronous save first
+copies the state to CPU memory, into the previous save's buffers, or with
+torch's stager for FSDP's DTensors, and writes in the background). Once every
+shard is written, rank 0 fsyncs and hashes every file, renames the directory into
 place, and adds the manifest entry; every rank then learns the outcome, so
 ``Checkpointer.wait()`` returns, or raises the same error, on all of them.
 A kill at any moment before the manifest write leaves the previous
@@ -50,7 +51,7 @@ from ..manifest import (
     SHARDED,
     CheckpointIndex,
     checkpoint_files,
-    file_hash,
+    file_listing,
     remove_checkpoint,
     temporary_path,
     tree_hash,
@@ -298,7 +299,6 @@ def _disk_error(path: Path, e: OSError) -> str:
 
 def _commit(index: CheckpointIndex, tmp: Path, final: Path, base: dict[str, Any]) -> None:
     """Rank 0, every shard written: make the directory durable, then list it."""
-    files: dict[str, tuple[int, str]] = {}
     for f in checkpoint_files(tmp):
         # torch's writer fsyncs the shards; this covers .metadata and the rank files too.
         fd = os.open(f, os.O_RDONLY)
@@ -306,7 +306,7 @@ def _commit(index: CheckpointIndex, tmp: Path, final: Path, base: dict[str, Any]
             os.fsync(fd)
         finally:
             os.close(fd)
-        files[f.name] = (f.stat().st_size, file_hash(f, HASH))
+    files = file_listing(tmp, HASH)
     fsync_dir(tmp)
     if final.exists():  # renamed by a save killed before it was listed: not a checkpoint
         remove_checkpoint(final)
@@ -335,10 +335,10 @@ def verified_files(path: Path, expected_hash: str | None) -> dict[str, tuple[int
         raise CheckpointError(f"checkpoint {path} does not exist")
     algorithm = expected_hash.split(":", 1)[0] if expected_hash else HASH
     mine: dict[str, tuple[int, str]] | str
+    ranks, me = (context.world_size(), context.rank()) if distributed() else (1, 0)
     try:
         names = [f.name for f in checkpoint_files(path)]
-        share = names[context.rank() :: max(1, context.world_size() if distributed() else 1)]
-        mine = {n: ((path / n).stat().st_size, file_hash(path / n, algorithm)) for n in share}
+        mine = file_listing(path, algorithm, names[me::ranks])
     except (OSError, ValueError) as e:
         mine = f"checkpoint {path} could not be read: {e}"
     parts = _gather(mine)
@@ -375,10 +375,15 @@ def read_rank_state(path: Path, expected_hash: str | None) -> dict[str, Any]:
     return state
 
 
-def load_shards(path: Path, model: Any, optimizer: Any, saved: list[str]) -> None:
-    """Restore model and optimizer from a sharded checkpoint, resharded onto this run."""
+def load_shards(path: Path, state: dict[str, Any], model: Any, optimizer: Any) -> None:
+    """Restore model and optimizer from a sharded checkpoint, resharded onto this run.
+
+    ``state`` is this rank's, from :func:`read_rank_state`: it says what the shards hold.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    saved = state["sharded"]
 
     if optimizer is not None and "optimizer" not in saved:
         raise CheckpointError(
