@@ -60,8 +60,8 @@ setup() {
   fi
   pip_install "jupyterlab>=4.6,<5"
   build_labextension
-  pip_install -e ".[test,dev]"
-  "$PY" -c "import cumulus_jupyter, torch, pytest_jupyter" # fail here, not later
+  pip_install -e ".[test,dev,ray]"
+  "$PY" -c "import cumulus_jupyter, torch, pytest_jupyter, ray" # fail here, not later
   if ! "$VENV/bin/jupyter" labextension list 2>&1 | grep -q "cumulus-jupyter"; then
     echo "dev.sh: the JupyterLab extension did not install" >&2
     exit 1

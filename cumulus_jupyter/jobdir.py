@@ -73,6 +73,9 @@ NICE_ENV = "CUMULUS_JOB_NICE"
 NPROCS_ENV = "CUMULUS_NPROCS"
 #: Seconds between asking a process to stop and killing it (``CumulusApp.kill_grace``).
 KILL_GRACE_ENV = "CUMULUS_KILL_GRACE"
+#: How often (seconds) a run looks at control.json for a pause. A backend whose
+#: runs get no signal from the server (they run on other machines) sets it low.
+CONTROL_POLL_ENV = "CUMULUS_CONTROL_POLL"
 #: verify_resume only: Checkpointer.loop asks for a pause at this global step.
 PAUSE_AT_ENV = "CUMULUS_PAUSE_AT_STEP"
 #: verify_resume only: the seed every generator starts from in each run.

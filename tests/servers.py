@@ -65,6 +65,7 @@ class ServerProcess:
         base: Path,
         command: str = "server",
         job_root: Path | None = None,
+        extra: list[str] | None = None,
         **cumulus_config: Any,
     ):
         self.base = base
@@ -73,6 +74,7 @@ class ServerProcess:
         self.port = free_port()
         self.token = secrets.token_hex(16)
         self.cumulus_config = {"gpus": "[]", **cumulus_config}
+        self.extra = list(extra or [])  # more command-line options (e.g. --RayBackend.address)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = base / "server.log"
         self.url = f"http://127.0.0.1:{self.port}/"
@@ -91,6 +93,7 @@ class ServerProcess:
             f"--CumulusApp.job_root={self.job_root}",
         ]
         args += [f"--CumulusApp.{k}={v}" for k, v in self.cumulus_config.items()]
+        args += self.extra
         if os.geteuid() == 0:
             args.append("--allow-root")
         return args

@@ -18,11 +18,29 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import make_private_dir
-from ..jobdir import CONTROL, JOB_DIR_ENV, JOB_ID_ENV, PAUSE_AT_ENV, RUN_ENV, JobDir
+from ..jobdir import (
+    CONTROL_POLL_ENV,
+    JOB_DIR_ENV,
+    JOB_ID_ENV,
+    PAUSE_AT_ENV,
+    RUN_ENV,
+    JobDir,
+)
 
 #: How often should_pause() looks at control.json when no signal arrived
 #: (a fallback for a lost signal, e.g. a job re-adopted after a server restart).
+#: A backend that cannot signal its runs (Ray) sets CUMULUS_CONTROL_POLL lower.
 _CONTROL_POLL_SECONDS = 1.0
+
+
+def _control_poll_seconds() -> float:
+    # Read when polling, not at import: a warm template imports this module
+    # before any job's environment exists.
+    try:
+        value = float(os.environ.get(CONTROL_POLL_ENV, _CONTROL_POLL_SECONDS))
+    except ValueError:
+        return _CONTROL_POLL_SECONDS
+    return min(max(value, 0.01), 60.0)
 
 
 class JobInterrupted(BaseException):
@@ -41,7 +59,6 @@ class JobInterrupted(BaseException):
 _pause_requested = False
 _pause_observed = False
 _next_control_check = 0.0
-_control_mtime: float | None = None
 
 
 def in_job() -> bool:
@@ -170,19 +187,17 @@ _monotonic = time.monotonic
 
 
 def _look_at_control(now: float) -> bool:
-    """The fallback of :func:`should_pause`: read ``control.json`` if it changed."""
-    global _next_control_check, _control_mtime
-    _next_control_check = now + _CONTROL_POLL_SECONDS
-    if not in_job():
-        return False
-    try:
-        mtime = os.stat(job_dir() / CONTROL).st_mtime
-    except OSError:
-        return False
-    if mtime != _control_mtime:
-        _control_mtime = mtime
-        if read_control().get("pause"):
-            request_pause()
+    """The fallback of :func:`should_pause`: read ``control.json``.
+
+    Opened and read at every look, not first compared by ``stat``: on NFS an
+    open revalidates the file (close-to-open consistency) while a ``stat`` may
+    answer from an attribute cache seconds old, which a run on another node
+    (the Ray backend) would wait out.
+    """
+    global _next_control_check
+    _next_control_check = now + _control_poll_seconds()
+    if in_job() and read_control().get("pause"):
+        request_pause()
     return _pause_requested
 
 

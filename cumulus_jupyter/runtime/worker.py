@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -201,6 +202,10 @@ def run(job_dir: Path) -> int:
         "create_time": _process_start_time(),
         "run": current_run(),
         "started": time.time(),
+        # Where it runs, as it sees it: a backend that places runs on other
+        # machines (Ray) learns the host and the GPUs it was given from here.
+        "host": socket.gethostname(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
     files.write_state(state)
 

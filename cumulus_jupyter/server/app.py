@@ -10,12 +10,24 @@ from typing import Any
 
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Float, Integer, List, TraitError, Type, Unicode, default, validate
+from traitlets import (
+    Bool,
+    CaselessStrEnum,
+    Float,
+    Integer,
+    List,
+    TraitError,
+    Type,
+    Unicode,
+    default,
+    validate,
+)
 
 from .._version import __version__
 from ..connection import TOKEN_ENV, URL_ENV
 from ..jobdir import shared_environment
 from .backends import Backend, LocalBackend
+from .backends.raycluster import RayBackend
 from .backends.warm import WarmTemplate, default_preload
 from .gpu import detect_gpus
 from .handlers import handlers
@@ -30,6 +42,8 @@ class CumulusApp(ExtensionApp):
     version = __version__
     # `jupyter cumulus` is a job server only: no notebook UI and no other extensions.
     load_other_extensions = False
+    # Configurable from the command line and config files: --RayBackend.address=...
+    classes = [*ExtensionApp.classes, RayBackend]
 
     job_root = Unicode(
         config=True,
@@ -41,11 +55,20 @@ class CumulusApp(ExtensionApp):
     def _default_job_root(self) -> str:
         return str(Path(jupyter_data_dir()) / "cumulus" / "jobs")
 
+    backend = CaselessStrEnum(
+        ["local", "ray"],
+        default_value="local",
+        config=True,
+        help="Where runs execute: 'local' (processes of this server's host) or 'ray' (Ray "
+        "jobs on the cluster at RayBackend.address; the job root must be on storage every "
+        "node mounts at the same path).",
+    )
     backend_class = Type(
         default_value=LocalBackend,
         klass=Backend,
         config=True,
-        help="The execution backend that starts, signals and watches job processes.",
+        help="The execution backend that starts, signals and watches job processes, when "
+        "CumulusApp.backend is 'local' (another class may replace LocalBackend here).",
     )
     pause_timeout = Float(
         60.0,
@@ -134,8 +157,13 @@ class CumulusApp(ExtensionApp):
         return super().make_serverapp(**kwargs)
 
     def initialize_settings(self) -> None:
-        devices = detect_gpus() if self.gpus is None else list(self.gpus)
-        backend = self.backend_class()  # type: ignore[abstract]  # a concrete subclass
+        backend: Backend[Any]
+        if self.backend == "ray":
+            devices: list[str] = []  # Ray's resources, not this host's, decide placement
+            backend = self._ray_backend()
+        else:
+            devices = detect_gpus() if self.gpus is None else list(self.gpus)
+            backend = self.backend_class()  # type: ignore[abstract]  # a concrete subclass
         if self.warm_workers and isinstance(backend, LocalBackend):
             preload = default_preload() if self.preload is None else list(self.preload)
             backend.warm = WarmTemplate(sys.executable, preload, self.log, nice=self.job_nice)
@@ -153,6 +181,26 @@ class CumulusApp(ExtensionApp):
         self.log.info(
             "cumulus: jobs in %s, devices %s", self.manager.store.root, self.manager.ledger.devices
         )
+
+    def _ray_backend(self) -> Backend[Any]:
+        """The Ray backend, once every node of its cluster is shown to see the job root."""
+        try:
+            backend = RayBackend(parent=self, log=self.log)
+            root = Path(self.job_root)
+            root.mkdir(parents=True, exist_ok=True)
+            nodes = backend.check_root(root)
+        except RuntimeError as e:
+            # Refuse to start: a server whose runs cannot read their job
+            # directories would fail every job later, one by one.
+            self.log.critical("cumulus: %s", e)
+            raise SystemExit(f"cumulus: {e}") from None
+        self.log.info(
+            "cumulus: Ray backend at %s; %d node(s) see the job root %s",
+            backend.address,
+            len(nodes),
+            self.job_root,
+        )
+        return backend
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(handlers())

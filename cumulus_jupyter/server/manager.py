@@ -27,7 +27,7 @@ from ..errors import InvalidStateError, JobNotFoundError
 from ..jobdir import JobDir, job_environment
 from ..manifest import CheckpointIndex
 from ..states import RESUMABLE, RUNNING_STATES, Action, JobState, can_transition, end_state, refusal
-from .backends import Backend, LocalBackend, ProcessHandle
+from .backends import Backend, LocalBackend, RunHandle
 from .gpu import ShareLedger
 from .monitor import Escalation, Monitor, end_message
 from .record import JobRecord
@@ -44,7 +44,7 @@ class JobManager:
         self,
         root: str | Path,
         *,
-        backend: Backend | None = None,
+        backend: Backend[Any] | None = None,
         devices: list[str] | None = None,
         pause_timeout: float = 60.0,
         kill_grace: float = 10.0,
@@ -53,7 +53,7 @@ class JobManager:
         log: logging.Logger | None = None,
     ):
         self.store = JobStore(root)
-        self.backend = backend or LocalBackend()
+        self.backend: Backend[Any] = backend or LocalBackend()
         self.ledger = ShareLedger(list(devices or []))
         self.pause_timeout = pause_timeout
         self.kill_grace = kill_grace
@@ -76,14 +76,18 @@ class JobManager:
             if job.damaged:
                 # Reported, not skipped: the user sees it and can delete it.
                 self.log.error("cumulus: job %s: %s", job_id, job.message)
-            elif job.state in RUNNING_STATES:
-                handle = job.handle
+            elif job.state in RUNNING_STATES or self.placing(job):
+                handle = self.handle(job)
                 if handle is not None and self.backend.adopt(handle):
-                    devices = job.devices or [job.device or ""]
-                    self.ledger.take(job_id, devices, job.gpu_memory)
+                    if not self.backend.places_runs:
+                        devices = job.devices or [job.device or ""]
+                        self.ledger.take(job_id, devices, job.gpu_memory)
                     self.backend.watch(handle, functools.partial(self._run_ended, job))
-                    self.log.info("cumulus: re-adopted job %s (pid %s)", job_id, handle.pid)
+                    self.log.info("cumulus: re-adopted job %s (%s)", job_id, handle.to_json())
                 else:
+                    if self.placing(job):
+                        # It ran, or failed to start, while the server was down.
+                        self.placed(job, self.backend.placed(handle) if handle else None)
                     self.finish(job_id)
         self.admit()
 
@@ -114,12 +118,22 @@ class JobManager:
         jobs = sorted(self.jobs.values(), key=lambda j: (j.created or 0, j.id))
         return [j.public(now) for j in jobs]
 
+    def handle(self, job: JobRecord) -> Any:
+        """The backend's handle of the job's current (or last) run, or None."""
+        return self.backend.handle(job.process)
+
+    def placing(self, job: JobRecord) -> bool:
+        """Whether the job's run was submitted to the engine and waits to be placed."""
+        return job.state is JobState.QUEUED and job.submitted_at is not None
+
     def gpu_usage(self) -> list[dict[str, Any]]:
         return self.ledger.usage()
 
     @property
     def rank_limit(self) -> RankLimit:
         """The most ranks one job may ask for here: one GPU each, or the CPU cores."""
+        if self.backend.places_runs:
+            return RankLimit(64, "the engine places each rank on a GPU of its own")
         if self.ledger.has_gpus:
             n = len(self.ledger.devices)
             return RankLimit(n, f"this server has {n} GPU(s) and each rank needs one of its own")
@@ -162,7 +176,7 @@ class JobManager:
         job.pause_reason = reason
         message = "duration limit reached, pausing" if reason == "duration" else "pausing"
         self.set_state(job, JobState.PAUSING, message)
-        handle = job.handle
+        handle = self.handle(job)
         # Before the worker has installed its handler the signal would kill
         # it; it then sees the flag in control.json within a second anyway.
         if handle is not None and files.read_state().get("run") == job.run:
@@ -205,6 +219,7 @@ class JobManager:
         job.pause_requested = job.pause_reason = job.cancel_requested = None
         job.escalation = None
         job.escalated_at = None
+        job.submitted_at = None
         self.set_state(job, JobState.QUEUED, _WAITING)
         self.admit()
         return self.public(job_id)
@@ -217,6 +232,11 @@ class JobManager:
         self._allow(Action.CANCEL, job)
         if job.state not in RUNNING_STATES:
             queued = job.state is JobState.QUEUED
+            handle = self.handle(job)
+            if self.placing(job) and handle is not None:
+                # Handed to the engine, not started yet: take it back.
+                self.backend.kill(handle)
+                job.submitted_at = None
             self.set_state(job, JobState.CANCELLED, "cancelled")  # no process to stop
             if queued:
                 # It may have been the oldest in the queue, waiting for more
@@ -227,7 +247,7 @@ class JobManager:
         job.cancel_requested = job.escalated_at = time.time()
         job.escalation = "sigterm"
         job.message = "cancelling"
-        handle = job.handle
+        handle = self.handle(job)
         if handle is not None:
             self.backend.terminate(handle)
         self.save(job)
@@ -330,6 +350,13 @@ class JobManager:
             ),
             key=lambda j: (j.queued_at or j.created or 0, j.id),
         )
+        if self.backend.places_runs:
+            # The engine admits and places (and queues what it cannot place yet).
+            for job in queued:
+                if not self.placing(job):
+                    self._starting.add(job.id)
+                    self._spawn(self._start_run(job, []))
+            return
         for job in queued:
             if self.ledger.has_gpus and job.nprocs > len(self.ledger.devices):
                 # Checked at submit and resume, but the server may have been
@@ -368,8 +395,12 @@ class JobManager:
             run,
             gpu_fraction=job.gpu_memory,
             # Pin the job to its devices, rank i to the i-th; with no GPUs
-            # configured, hide them all.
-            cuda_devices=",".join(devices) if self.ledger.has_gpus else "",
+            # configured, hide them all. An engine that places runs pins them.
+            cuda_devices=None
+            if self.backend.places_runs
+            else ",".join(devices)
+            if self.ledger.has_gpus
+            else "",
             nice=self.job_nice,
             nprocs=nprocs,
             # The worker stops its ranks with the same grace the server gives it.
@@ -396,36 +427,59 @@ class JobManager:
         self._starting.discard(job.id)
         now = time.time()
         job.run = run
-        job.device = devices[0]
-        job.devices = list(devices)
         job.process = handle.to_json()
-        job.started = now
         job.ended = None
         job.escalation = None
-        job.runs.append(
-            {
-                "run": run,
-                "started": now,
-                "pid": handle.pid,
-                "device": devices[0],
-                "devices": list(devices),
-                "nprocs": nprocs,
-            }
-        )
-        self.set_state(job, JobState.RUNNING, "running")
+        job.node = None
+        run_entry: dict[str, Any] = {"run": run, **handle.to_json(), "nprocs": nprocs}
+        job.runs.append(run_entry)
+        if self.backend.places_runs:
+            job.submitted_at = now
+            run_entry["submitted"] = now
+            self.set_state(job, JobState.QUEUED, "submitted; waiting to be placed")
+        else:
+            job.device = devices[0]
+            job.devices = list(devices)
+            run_entry.update(device=devices[0], devices=list(devices))
+            job.started = run_entry["started"] = now
+            self.set_state(job, JobState.RUNNING, "running")
         self.backend.watch(handle, functools.partial(self._run_ended, job))
 
-    def _start_process(self, files: JobDir, python: str, env: dict[str, str]) -> ProcessHandle:
+    def placed(self, job: JobRecord, node: str | None) -> None:
+        """The engine started the job's submitted run (on ``node``): it is running now."""
+        now = time.time()
+        job.submitted_at = None
+        job.started = now
+        job.node = node
+        job.device = None
+        job.devices = []  # the run reports the devices the engine gave it
+        if job.runs:
+            job.runs[-1].update(started=now, node=node)
+        self.set_state(job, JobState.RUNNING, f"running on {node}" if node else "running")
+
+    def learn_devices(self, job: JobRecord) -> None:
+        """Record the devices an engine gave a run, once the run has reported them."""
+        reported = self.store.dir(job.id).read_state()
+        visible = reported.get("cuda_visible_devices")
+        if reported.get("run") != job.run or not isinstance(visible, str):
+            return
+        job.devices = [d for d in visible.split(",") if d] or ["cpu"]
+        job.device = job.devices[0]
+        if job.runs:
+            job.runs[-1].update(device=job.device, devices=list(job.devices))
+        self.save(job)
+
+    def _start_process(self, files: JobDir, python: str, env: dict[str, str]) -> RunHandle:
         files.clear_result()  # the last run's outcome is not this one's
         return self.backend.start(files.path, python, env)
 
-    def _discard_process(self, handle: ProcessHandle) -> None:
+    def _discard_process(self, handle: RunHandle) -> None:
         self.backend.kill(handle)
         self.backend.cleanup(handle)
 
     def _run_ended(self, job: JobRecord) -> None:
         """The backend saw the run's process end: record it now, not at the next tick."""
-        handle = job.handle
+        handle = self.handle(job)
         if (
             self.jobs.get(job.id) is job
             and job.state in RUNNING_STATES
@@ -475,7 +529,7 @@ class JobManager:
 
     def _collect(self, job: JobRecord) -> int | None:
         """The ended run's exit status, with what was left of its process group removed."""
-        handle = job.handle
+        handle = self.handle(job)
         if handle is None:
             return None
         exit_code = self.backend.exit_code(handle)
@@ -504,6 +558,7 @@ class JobManager:
             escalation=job.escalation,
             stopped_by_signal=outcome is JobState.FAILED and signalled,
             last_line=self.store.last_log_line(job_id) if lost else "",
+            note=self._end_note(job) if lost else "",
             free_bytes=self.store.free_bytes(job_id) if lost else None,
         )
         self.ledger.release(job_id)
@@ -523,6 +578,10 @@ class JobManager:
         unasked = not (job.pause_requested or job.cancel_requested or job.escalation)
         if new is JobState.LOST and unasked and len(job.restarts) < job.max_restarts:
             self._restart(job, message)
+
+    def _end_note(self, job: JobRecord) -> str:
+        handle = self.handle(job)
+        return self.backend.end_note(handle) if handle is not None else ""
 
     def _restart(self, job: JobRecord, cause: str) -> None:
         """Queue a lost run again: it continues from the newest good checkpoint."""
@@ -546,7 +605,7 @@ class JobManager:
     def escalate(self, job_id: str, signal: Escalation) -> None:
         """Stop a run that did not stop when asked: SIGTERM (it may still save), or SIGKILL."""
         job = self.jobs[job_id]
-        handle = job.handle
+        handle = self.handle(job)
         if handle is None:
             return
         if signal == "sigterm":

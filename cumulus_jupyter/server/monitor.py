@@ -73,12 +73,14 @@ def end_message(
     stopped_by_signal: bool,
     last_line: str = "",
     free_bytes: int | None = None,
+    note: str = "",
 ) -> str:
     """What the record says about a run that ended in state ``new``."""
     if new is JobState.LOST:
         message = (
             "the job process ended without recording an outcome"
             + _how_it_ended(exit_code)
+            + (f" ({note})" if note else "")
             + "; see its log, resume it from its last checkpoint"
         )
         if last_line:
@@ -140,18 +142,40 @@ class Monitor:
         """One look at every running job: ended, out of time, overdue to stop."""
         manager = self.manager
         now = time.time()
+        backend = manager.backend
         for job in list(manager.jobs.values()):
+            if manager.placing(job):
+                self._placing(job)
             if job.state not in RUNNING_STATES or manager.finishing(job.id):
                 continue
-            handle = job.handle
-            if handle is None or not manager.backend.is_alive(handle):
+            handle = manager.handle(job)
+            if handle is None or not backend.is_alive(handle):
                 manager.finish_soon(job.id)  # admits once the share is free
                 continue
+            if backend.places_runs and not job.devices:
+                manager.learn_devices(job)
             if duration_reached(job, now):
                 manager.pause(job.id, reason="duration")
             signal = escalation_due(job, now, manager.pause_timeout, manager.kill_grace)
             if signal is not None:
                 manager.escalate(job.id, signal)
+
+    def _placing(self, job: JobRecord) -> None:
+        """A run submitted to an engine that places runs: started yet, or why not."""
+        manager = self.manager
+        backend = manager.backend
+        handle = manager.handle(job)
+        if handle is None:
+            return
+        node = backend.placed(handle)
+        if node is not None or not backend.is_alive(handle):
+            manager.placed(job, node)  # an ended one is collected below, as any run
+            return
+        reason = backend.waiting_reason(handle)
+        message = f"submitted; waiting to be placed: {reason}" if reason else job.message
+        if message != job.message:
+            job.message = message
+            manager.save(job)
 
     async def _loop(self) -> None:
         while True:

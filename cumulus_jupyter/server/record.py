@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..spec import SpecError, parse_gpu_memory
 from ..states import ACTIVE, RUNNING_STATES, Action, JobState, actions
-from .backends import ProcessHandle
 
 if TYPE_CHECKING:
     from .requests import Submission
@@ -58,6 +57,11 @@ class JobRecord:
     devices: list[str] = field(default_factory=list)
     #: The backend's handle of the current (or last) run's process.
     process: dict[str, Any] | None = None
+    #: Where the current (or last) run runs, when the backend places runs (a Ray node).
+    node: str | None = None
+    #: When the current run was handed to a backend that places runs itself
+    #: (Ray): it stays queued until the engine starts it; None once placed.
+    submitted_at: float | None = None
     started: float | None = None
     ended: float | None = None
     message: str = ""
@@ -87,10 +91,6 @@ class JobRecord:
     def cancelling(self) -> bool:
         """A cancel was asked and the run's process has not ended yet."""
         return bool(self.cancel_requested) and self.state in ACTIVE
-
-    @property
-    def handle(self) -> ProcessHandle | None:
-        return ProcessHandle.from_json(self.process)
 
     def actions(self) -> list[Action]:
         """What the user may do to this job now (see :func:`cumulus_jupyter.states.actions`)."""

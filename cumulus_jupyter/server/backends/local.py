@@ -9,6 +9,7 @@ import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -20,7 +21,7 @@ from .warm import WarmTemplate
 _START_TIME_TOLERANCE = 0.05
 
 
-class LocalBackend(Backend):
+class LocalBackend(Backend[ProcessHandle]):
     """Runs each job as a subprocess of this host in its own session and process group."""
 
     def __init__(self, warm: WarmTemplate | None = None) -> None:
@@ -29,6 +30,9 @@ class LocalBackend(Backend):
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._forked: set[int] = set()  # runs the warm template started
         self._watched: dict[int, tuple[asyncio.AbstractEventLoop, int]] = {}  # pid -> pidfd
+
+    def handle(self, data: Any) -> ProcessHandle | None:
+        return ProcessHandle.from_json(data)
 
     def start(self, job_dir: Path, python: str, env: dict[str, str]) -> ProcessHandle:
         pid = self.warm.fork(job_dir, python, env) if self.warm is not None else None
