@@ -289,9 +289,49 @@ def panel_screenshot(lab: Lab, out: Path) -> None:
         page.screenshot(path=str(out), clip=clip)
 
 
+# -- a notification ----------------------------------------------------------------
+
+
+def notification_screenshot(lab: Lab, out: Path) -> None:
+    client = CumulusClient(lab.url, token=lab.token)
+    with chromium() as browser, shot_page(browser) as page:
+        # Open Lab, and wait until it follows the event log (its first read is done).
+        with page.expect_request(
+            lambda r: re.search(r"/cumulus/api/events\?since=\d+&wait=[1-9]", r.url) is not None
+        ):
+            page.goto(f"{lab.url}lab?reset&token={lab.token}")
+            page.locator("#jp-main-dock-panel").wait_for()
+        finetune = client.run_async(train, (5000,), gpu_memory=0.5, name="finetune")
+        wait_until(lambda: len(finetune.get_checkpoints()) >= 2, timeout=120, what="checkpoints")
+        finetune.pause()
+        done = client.run_async(train, (40,), gpu_memory=0.25, name="baseline")
+        done.wait(timeout=120)
+        toasts = page.locator(".Toastify__toast")
+        wait_until(lambda: toasts.count() >= 2, timeout=60, what="two notifications")
+        page.mouse.move(0, 0)
+
+        def boxes() -> list[Any]:
+            settled(page)
+            return [toasts.nth(i).bounding_box() for i in range(toasts.count())]
+
+        # Toasts slide in: wait until they stand still.
+        wait_until(lambda: boxes() == boxes(), timeout=30, what="the toasts to settle")
+        shown = [b for b in boxes() if b is not None]
+        left = min(b["x"] for b in shown) - 24
+        top = min(b["y"] for b in shown) - 24
+        clip = {
+            "x": left,
+            "y": top,
+            "width": VIEWPORT["width"] - left,
+            "height": VIEWPORT["height"] - top,
+        }
+        page.screenshot(path=str(out), clip=clip)
+
+
 SHOTS = {
     "notebook": (notebook_screenshot, "screenshot-notebook.png", "[]"),
     "panel": (panel_screenshot, "screenshot-panel.png", "0,1"),
+    "notification": (notification_screenshot, "screenshot-notification.png", "[]"),
 }
 
 

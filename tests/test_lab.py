@@ -17,7 +17,7 @@ from pathlib import Path
 import jobfuncs
 import nbformat
 import pytest
-from browser import CHROMIUM, KERNEL_IDLE, chromium, new_page, running_lab
+from browser import CHROMIUM, KERNEL_IDLE, chromium, new_page, running_lab, settled
 from playwright.sync_api import expect
 from servers import labextension_list, wait_until
 
@@ -237,7 +237,10 @@ def test_the_panels_buttons_are_the_records_actions(page, lab):
         route.fulfill(response=response, json=answer)
 
     def fake_parts(route):
-        part = re.search(r"/jobs/fake-[^/]+/(\w+)", route.request.url).group(1)
+        job_id, part = re.search(r"/jobs/(fake-[^/?]+)(?:/(\w+))?", route.request.url).groups()
+        if part is None:  # the record of an active job, which the panel polls
+            route.fulfill(json=next(f for f in fakes if f["id"] == job_id))
+            return
         route.fulfill(
             json={
                 "metrics": {"metrics": [], "next": 0},
@@ -336,11 +339,16 @@ def test_checkpoints_resume_delete_and_cancel_from_the_panel(page, lab, client):
 
 
 def is_poll(request):
-    """The panel's job-list request (``jobs`` plus ServerConnection's cache-buster)."""
-    return re.search(r"/cumulus/api/jobs(\?\d*)?$", request.url) is not None
+    """A request of the panel's poll for records: the job list, or one job's record
+    (``jobs`` or ``jobs/<id>``, plus ServerConnection's cache-buster)."""
+    return re.search(r"/cumulus/api/jobs(/[0-9a-f]+)?(\?\d*)?$", request.url) is not None
 
 
-def test_the_panel_stops_polling_while_hidden_and_comes_back_with_the_layout(page, lab):
+def test_the_panel_stops_polling_while_hidden_and_comes_back_with_the_layout(page, lab, client):
+    # A running job: its record changes all the time, so the panel polls for it
+    # (with no job active it reads records only when an event says one changed).
+    job, release = start_training(client, lab, "polled")
+    wait_state(lab, job.id, "running")
     open_lab(page, lab)
     with page.expect_request(is_poll, timeout=10_000):
         open_panel(page)
@@ -368,6 +376,8 @@ def test_the_panel_stops_polling_while_hidden_and_comes_back_with_the_layout(pag
     # A new visit restores the panel with the layout.
     open_lab(page, lab, reset=False)
     expect(page.locator("#cumulus-jobs")).to_be_visible()
+    release.touch()
+    wait_state(lab, job.id, "completed")
 
 
 WIDGET_CELL = """\
@@ -530,3 +540,144 @@ def test_the_panel_shows_that_a_lost_run_was_restarted(page, lab, client):
     expect(restarts).to_contain_text("restarted 1 of 1 times", timeout=60_000)
     assert "killed by SIGKILL" in (restarts.get_attribute("title") or "")
     expect(row).to_have_attribute("data-state", "completed", timeout=120_000)
+
+
+def events_request(since=None):
+    """The notifier's and panel's long-poll of the event log (waiting: past the first)."""
+
+    def match(request):
+        m = re.search(r"/cumulus/api/events\?since=(\d+)&wait=([\d.]+)", request.url)
+        return m is not None and float(m[2]) > 0 and (since is None or int(m[1]) >= since)
+
+    return match
+
+
+def open_lab_following_events(page, lab):
+    """Open Lab and return once it follows the event log (its first read is done)."""
+    with page.expect_request(events_request(), timeout=60_000):
+        open_lab(page, lab, reset=False)
+
+
+def toasts(page, text):
+    return page.locator(".Toastify__toast", has_text=text)
+
+
+def follow_reads(page):
+    """Record the ``since`` of every event-log read ``page`` makes, from now on."""
+    seen = [0]
+
+    def note(request):
+        m = re.search(r"/cumulus/api/events\?since=(\d+)", request.url)
+        if m:
+            seen.append(int(m[1]))
+
+    page.on("request", note)
+    return seen
+
+
+def announced(page, lab, reads, seq):
+    """Return once ``page`` has taken in event ``seq`` and announced what it will."""
+    # A read from past seq is sent right after the answer that held seq was
+    # handed on, and the announcement had asked for the lock by then...
+    # (Each look asks the page something: Playwright hands on its events then.)
+    wait_until(
+        lambda: page.evaluate("0") == 0 and max(reads) >= seq,
+        timeout=60,
+        what=f"a read past event {seq}",
+    )
+    # ...so once we hold the lock, the announcement is done.
+    page.evaluate(
+        "k => navigator.locks.request(k, () => 0)", f"cumulus-jupyter:announced:{lab.base_url}"
+    )
+
+
+def notification_count(page):
+    """How many notifications the page's notification center holds (its status bar says)."""
+    page.bring_to_front()
+    settled(page)
+    return int(page.locator(".jp-Notification-Status-Text").inner_text())
+
+
+def completed_seq(client, job_id):
+    return wait_until(
+        lambda: next(
+            (
+                e["seq"]
+                for e in client.events()["events"]
+                if e["job"] == job_id and e.get("new") == "completed"
+            ),
+            None,
+        ),
+        what="the job's completed event",
+    )
+
+
+def test_a_job_end_is_announced_once_per_browser_and_resume_works_from_it(page, lab, client):
+    other_tab = page.context.new_page()  # same browser: same storage, same lock
+    reads = {p: follow_reads(p) for p in (page, other_tab)}
+    open_lab_following_events(page, lab)
+    open_lab_following_events(other_tab, lab)
+
+    before = {p: notification_count(p) for p in (page, other_tab)}
+
+    job = client.run_async(jobfuncs.add, args=(1, 2), name="notify-me")
+    seq = completed_seq(client, job.id)
+    announced(page, lab, reads[page], seq)
+    announced(other_tab, lab, reads[other_tab], seq)
+    # Announced in one tab of the two, once (a background tab renders no toast:
+    # count what each tab's notification center holds).
+    added = sorted(notification_count(p) - before[p] for p in (page, other_tab))
+    assert added == [0, 1], added
+    page.bring_to_front()
+    quiet = client.run_async(jobfuncs.add, args=(0, 0), name="quiet", notify=False)
+
+    # Reloaded, the page does not announce it again (nor the job that asked not to be).
+    page.reload()
+    page.locator("#jp-main-dock-panel").wait_for()
+    other_tab.close()
+    paused, release = start_training(client, lab, "notify-pause")
+    wait_state(lab, paused.id, "running")
+    wait_until(lambda: paused.metrics(), timeout=60, what="a step")
+    paused.pause()
+    toast = toasts(page, f"notify-pause ({paused.id}) paused")
+    expect(toast).to_have_count(1, timeout=60_000)
+    assert toasts(page, f"({job.id})").count() == 0
+    assert toasts(page, f"({quiet.id})").count() == 0
+
+    # Its Resume resumes the job: the server says so.
+    toast.get_by_role("button", name="Resume").click()
+    wait_until(lambda: len(lab.job(paused.id)["runs"]) == 2, timeout=60, what="a second run")
+    assert lab.job(paused.id)["state"] in ("queued", "running")
+    release.touch()
+    wait_state(lab, paused.id, "completed", timeout=120)
+    # "Show" opens the panel on the job.
+    done = toasts(page, f"notify-pause ({paused.id}) completed")
+    expect(done).to_have_count(1, timeout=60_000)
+    done.get_by_role("button", name="Show").click()
+    expect(page.locator("#cumulus-jobs")).to_be_visible()
+    expect(job_row(page, paused.id)).to_have_class(re.compile("jp-mod-open"))
+
+
+def is_list_read(request):
+    """The panel's read of the whole job list (not of one job)."""
+    return re.search(r"/cumulus/api/jobs(\?\d*)?$", request.url) is not None
+
+
+def test_the_panel_learns_what_changed_from_the_event_log(page, lab, client):
+    lab.cancel_jobs()  # nothing active: nothing for the panel to poll
+    open_lab(page, lab)
+    with page.expect_request(is_list_read, timeout=10_000):
+        open_panel(page)  # the first look reads every job
+    reads = []
+    page.on("request", lambda r: reads.append(r.url) if is_poll(r) else None)
+    # An observation window, not synchronisation: a panel that re-read every
+    # job on a timer would have asked twice by now.
+    page.wait_for_timeout(2 * POLL_SECONDS * 1000)
+    assert reads == []
+    # A job submitted elsewhere shows up, and its end, from events alone: only
+    # that job's record is read, never the whole list again.
+    job = client.run_async(jobfuncs.add, args=(2, 2), name="event-driven")
+    row = job_row(page, job.id)
+    expect(row).to_have_attribute("data-state", "completed", timeout=60_000)
+    assert reads and not [u for u in reads if re.search(r"/jobs(\?\d*)?$", u)], reads
+    assert all(job.id in u for u in reads), reads

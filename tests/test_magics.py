@@ -146,7 +146,9 @@ def test_wait_streams_output_and_renders_a_progress_bar_as_one_line(kernel):
 
 
 def test_without_wait_the_cell_shows_the_job_widget(kernel, client):
-    messages = kernel.ok("%%cumulus --gpu-memory 0.2 --max-restarts 2 --out quick\n6 * 7")
+    messages = kernel.ok(
+        "%%cumulus --gpu-memory 0.2 --max-restarts 2 --no-notify --out quick\n6 * 7"
+    )
     widgets = [
         m
         for m in messages
@@ -155,6 +157,7 @@ def test_without_wait_the_cell_shows_the_job_widget(kernel, client):
     assert len(widgets) == 1
     assert text_of(kernel.ok("print(quick.result(timeout=60))")).strip() == "42"
     assert text_of(kernel.ok("print(quick.info()['max_restarts'])")).strip() == "2"
+    assert text_of(kernel.ok("print(quick.info()['notify'])")).strip() == "False"
 
 
 def test_line_magics_control_a_job_and_attach_after_a_restart(kernel, client):

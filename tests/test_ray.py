@@ -19,12 +19,15 @@ from conftest import serving
 from servers import ServerProcess, free_port, wait_until
 from test_exact_resume import assert_same_state, losses
 
-from cumulus_jupyter.jobdir import WORKER_MODULE
+from cumulus_jupyter.jobdir import WORKER_MODULE, job_environment
+from cumulus_jupyter.kernel.display import job_header_html
 
 ray_cluster_utils = pytest.importorskip(
     "ray.cluster_utils", reason="the Ray backend's tests need the extra: pip install .[ray]"
 )
 from ray.job_submission import JobSubmissionClient  # noqa: E402
+
+from cumulus_jupyter.server.backends.raycluster import RayBackend  # noqa: E402
 
 
 class RayCluster:
@@ -130,6 +133,25 @@ def test_a_job_runs_as_a_ray_job_and_its_record_says_where(server, ray_cluster):
     assert info["devices"] == [info["device"]] and info["device"] in ("0",)
     assert run["submitted"] <= run["started"] <= run["ended"]
     assert info["state"] == "completed"
+    assert f"on node {info['node']}" in job_header_html(info)  # the widget says where
+
+
+def test_a_retried_start_of_a_run_never_starts_it_twice(server, ray_cluster):
+    """The server may die between Ray taking a run and the record saying so: starting
+    the same run again finds the run Ray has, by its submission id."""
+    job = server.client().run_async(jobfuncs.add, args=(1, 2))
+    assert job.result(timeout=180) == 3
+    job_dir = server.job_root / job.id
+    env = job_environment(os.environ, job_dir, job.id, 1, gpu_fraction=0.1)
+    backend = RayBackend(address=ray_cluster.address)
+    try:
+        again = backend.start(job_dir, sys.executable, env)
+    finally:
+        backend.unwatch_all()
+    assert again.to_json() == job.info()["process"]
+    same = [j for j in ray_cluster.client.list_jobs() if j.submission_id == again.submission_id]
+    assert len(same) == 1 and same[0].status.value == "SUCCEEDED"
+    assert job.result() == 3 and len(job.info()["runs"]) == 1
 
 
 def test_printed_output_and_a_failure_come_back_as_from_a_local_run(server):

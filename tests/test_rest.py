@@ -201,6 +201,7 @@ ROUTES = [
     ("GET", "jobs"),
     ("POST", "jobs"),
     ("GET", "gpus"),
+    ("GET", "events"),
     ("GET", "jobs/JOB"),
     ("DELETE", "jobs/JOB"),
     ("POST", "jobs/JOB/pause"),

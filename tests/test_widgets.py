@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 from contextlib import redirect_stdout
 
 import jobfuncs
@@ -94,6 +95,12 @@ def test_closing_widgets_leaves_no_thread_behind(training):
     followers = [view._follower for view in views if view._follower is not None]
     assert followers, "a running job's widget follows its log"
     wait_until(lambda: not any(f.is_alive() for f in followers), what="the log followers to end")
+    # And the follower of the server's events, with its current long-poll.
+    wait_until(
+        lambda: not any(t.name == "cumulus-events" and t.is_alive() for t in threading.enumerate()),
+        timeout=60,
+        what="the event follower to end",
+    )
 
 
 def test_errors_from_the_server_are_shown_not_raised(training):
@@ -164,3 +171,20 @@ def test_a_printed_line_shows_without_waiting_for_the_next_refresh(client, tmp_p
         done.touch()
         w.close()
     assert job.result(timeout=60) == "done"
+
+
+def test_a_waiting_jobs_widget_is_woken_by_the_event_log(training):
+    """A paused job's widget polls rarely: a resume from elsewhere (the panel, a
+    magic) reaches it through the server's event log, not its next poll."""
+    wait_until(lambda: training.metrics(), timeout=60, what="a step")
+    training.pause()
+    assert training.wait(timeout=60) == "paused"
+    w = JobWidget(training, poll_interval=3600)  # its own polls alone would take hours
+    try:
+        wait_until(lambda: w.state == "paused", what="the widget's first look")
+        training.resume()  # not through the widget
+        wait_until(lambda: w.state in ("queued", "running"), timeout=30, what="the wake-up")
+        training.pause()
+        wait_until(lambda: w.state in ("pausing", "paused"), timeout=30, what="the next one")
+    finally:
+        w.close()

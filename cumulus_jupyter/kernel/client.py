@@ -122,6 +122,7 @@ class CumulusClient:
         *,
         nprocs: int = 1,
         max_restarts: int = 0,
+        notify: bool = True,
     ) -> Job:
         """Start ``func(*args, **kwargs)`` as a job and return its :class:`Job` at once.
 
@@ -139,6 +140,9 @@ class CumulusClient:
         from outside, out of memory) from its newest checkpoint, up to that
         many times; the record's ``restarts`` lists each with its cause. A
         run whose function raised is not restarted: that is a bug to fix.
+
+        ``notify=False`` keeps this job out of JupyterLab's notifications and
+        the server's webhooks (``CumulusApp.notify_url``).
 
         Your own modules that the call uses (``model.py`` beside the notebook,
         a local package) travel with it as source files; ``ship`` names more
@@ -165,6 +169,8 @@ class CumulusClient:
             body["nprocs"] = nprocs
         if max_restarts != 0:
             body["max_restarts"] = max_restarts
+        if notify is not True:
+            body["notify"] = notify  # the server says what is wrong with a non-bool
         record = self._json("POST", "jobs", body)
         self.last_job = Job(self, record)
         return self.last_job
@@ -181,6 +187,7 @@ class CumulusClient:
         *,
         nprocs: int = 1,
         max_restarts: int = 0,
+        notify: bool = True,
     ) -> Any:
         """Run ``func`` as a job, wait until it stops, and return what it returned.
 
@@ -201,6 +208,7 @@ class CumulusClient:
             ship,
             nprocs=nprocs,
             max_restarts=max_restarts,
+            notify=notify,
         )
         return job.result()
 
@@ -298,6 +306,16 @@ class CumulusClient:
     def gpus(self) -> list[dict[str, Any]]:
         """Per device: the share taken and by which jobs."""
         return self._json("GET", "gpus")["gpus"]
+
+    def events(self, since: int = 0, wait: float = 0.0) -> dict[str, Any]:
+        """Events after sequence number ``since``: ``{'events': [...], 'last', 'first'}``.
+
+        ``wait`` holds the request up to that many seconds until there is one.
+        Pass ``last`` as the next ``since`` to follow every change of every job.
+        """
+        return self._json(
+            "GET", "events", params={"since": since, "wait": wait}, timeout=wait + self.timeout
+        )
 
 
 class Job:

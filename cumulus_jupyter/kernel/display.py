@@ -112,6 +112,8 @@ def job_header_html(record: Mapping[str, Any]) -> str:
         where = f" on each of GPUs {html.escape(', '.join(map(str, devices)))}"
     elif device:
         where = f" of GPU {html.escape(str(device))}"
+    if record.get("node"):  # placed by Ray on one of its nodes
+        where += f" on node {html.escape(str(record['node']))}"
     message = job_message(record)
     restarted = restarts_text(record)
     return (

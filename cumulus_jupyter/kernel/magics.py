@@ -120,6 +120,11 @@ class CumulusMagics(Magics):
         help="Start a run that dies without being asked (killed, out of memory) again from "
         "its newest checkpoint, up to N times (default 0).",
     )
+    @argument(
+        "--no-notify",
+        action="store_true",
+        help="No JupyterLab notification or webhook for this job's end.",
+    )
     @argument("--name", default=None, help="The job's name (default: the cell's number).")
     @argument("--wait", action="store_true", help="Stream the output here and return the result.")
     @argument("--out", default=None, help="Bind the Job to this variable.")
@@ -138,7 +143,7 @@ class CumulusMagics(Magics):
         Cell magic::
 
             %%cumulus [--gpu-memory F] [--duration D] [--nprocs N] [--max-restarts N]
-                      [--name NAME] [--wait] [--out VAR] [--ship MODULE]
+                      [--no-notify] [--name NAME] [--wait] [--out VAR] [--ship MODULE]
 
         The cell runs in its own process with a share of a GPU, independent
         of this kernel. Names it reads from the notebook (data, tensors,
@@ -151,7 +156,8 @@ class CumulusMagics(Magics):
         --nprocs N the cell runs in N processes (ranks), each on a GPU of its
         own, with torch.distributed initialised; the result is rank 0's.
         With --max-restarts N a run that dies without being asked starts
-        again from its newest checkpoint, up to N times.
+        again from its newest checkpoint, up to N times. --no-notify keeps
+        the job out of JupyterLab's notifications and the server's webhooks.
 
         Line magic::
 
@@ -202,6 +208,7 @@ class CumulusMagics(Magics):
                 ship=args.ship,
                 nprocs=args.nprocs,  # checked by the server, whose message says what to do
                 max_restarts=args.max_restarts,
+                notify=not args.no_notify,
             )
         except CumulusError as e:
             raise UsageError(str(e)) from None

@@ -45,6 +45,11 @@ _MAX_POINTS = 2000
 _MAX_LOG_BYTES = 256 * 1024  # read per refresh at most; older output is skipped
 #: How long one long-poll of the log may wait for output.
 _FOLLOW_WAIT = 2.0
+#: How long one long-poll of the event log may wait for a change.
+_EVENT_WAIT = 20.0
+#: A widget of a job that waits (queued, paused) is refreshed this much less
+#: often than a running job's: the event log wakes it when it changes.
+_WAITING_SLOWDOWN = 10
 #: The least time between two log requests of one widget: a job that prints
 #: all the time costs at most ten requests a second, one that prints now and
 #: then one request per line (or per _FOLLOW_WAIT).
@@ -52,13 +57,19 @@ _FOLLOW_GAP = 0.1
 
 
 class _Poller:
-    """One daemon thread refreshing every registered widget when it is due."""
+    """One daemon thread refreshing every registered widget when it is due.
+
+    A second thread follows the server's event log (``GET events?wait=``):
+    a widget whose job changed is refreshed at once, so widgets of jobs that
+    wait (queued, paused) need no frequent polling at all.
+    """
 
     def __init__(self) -> None:
         self._widgets: set[_Polled] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self.thread: threading.Thread | None = None
+        self._watchers: dict[str, threading.Thread] = {}  # per server URL
 
     def add(self, widget: _Polled) -> None:
         with self._lock:
@@ -68,7 +79,40 @@ class _Poller:
                     target=self._run, name="cumulus-widgets", daemon=True
                 )
                 self.thread.start()
+            client = widget.client_for_events()
+            watcher = self._watchers.get(client.url) if client is not None else None
+            if client is not None and (watcher is None or not watcher.is_alive()):
+                watcher = threading.Thread(
+                    target=self._follow_events, args=(client,), name="cumulus-events", daemon=True
+                )
+                self._watchers[client.url] = watcher
+                watcher.start()
         self._wake.set()
+
+    def _follow_events(self, client: CumulusClient) -> None:
+        """Wake the widgets of every job that changed, until no widget of this server is left."""
+        since: int | None = None
+        while True:
+            with self._lock:
+                mine = [w for w in self._widgets if _server_of(w) == client.url]
+                if not mine:
+                    self._watchers.pop(client.url, None)
+                    return
+            try:
+                answer = client.events(since=since or 0, wait=0 if since is None else _EVENT_WAIT)
+            except (CumulusError, OSError):
+                # The server is away (or too old for events): the periodic
+                # refresh goes on and says so; look again a little later.
+                time.sleep(_EVENT_WAIT / 4)
+                continue
+            if since is not None:
+                changed = {e.get("job") for e in answer["events"]}
+                for widget in mine:
+                    if widget.job_id() in changed:
+                        widget.wake()
+                if changed:
+                    self._wake.set()
+            since = answer["last"]
 
     def remove(self, widget: _Polled) -> None:
         with self._lock:
@@ -95,14 +139,30 @@ class _Poller:
 POLLER = _Poller()
 
 
+def _server_of(widget: _Polled) -> str | None:
+    client = widget.client_for_events()
+    return client.url if client is not None else None
+
+
 class _Polled:
-    """Mixin: refreshed by :data:`POLLER` every ``poll_interval`` seconds."""
+    """Mixin: refreshed by :data:`POLLER` every ``poll_interval`` seconds, and when woken."""
 
     poll_interval = 1.0
     _next_poll = 0.0
 
     def due(self, now: float) -> bool:
         return now >= self._next_poll
+
+    def wake(self) -> None:
+        """Its job changed (an event said so): refresh at the poller's next pass."""
+        self._next_poll = 0.0
+
+    def client_for_events(self) -> CumulusClient | None:
+        """The client whose server's events concern this widget (None: none)."""
+        return None
+
+    def job_id(self) -> str:
+        return ""
 
     def poll(self) -> bool:
         """Refresh; return whether to keep polling."""
@@ -226,10 +286,17 @@ class JobWidget(w.VBox, _Polled):
             self.refresh()
         except (CumulusError, OSError) as e:
             self.message.value = error_html(e)
-        # Paused jobs change only when someone resumes them: look less often.
-        slow = self.state in RESUMABLE
-        self._next_poll = time.monotonic() + self.poll_interval * (5 if slow else 1)
+        # A job that waits changes when someone resumes it, or Ray places it:
+        # the event log wakes the widget then; look rarely otherwise.
+        slow = self.state in RESUMABLE or self.state == JobState.QUEUED.value
+        self._next_poll = time.monotonic() + self.poll_interval * (_WAITING_SLOWDOWN if slow else 1)
         return self.state not in TERMINAL
+
+    def client_for_events(self) -> CumulusClient | None:
+        return self.job.client
+
+    def job_id(self) -> str:
+        return self.job.id
 
     def _read_log(self, client: CumulusClient) -> None:
         for _ in range(4):

@@ -26,12 +26,14 @@ from traitlets import (
 from .._version import __version__
 from ..connection import TOKEN_ENV, URL_ENV
 from ..jobdir import shared_environment
+from ..states import JobState
 from .backends import Backend, LocalBackend
 from .backends.raycluster import RayBackend
 from .backends.warm import WarmTemplate, default_preload
 from .gpu import detect_gpus
 from .handlers import handlers
 from .manager import JobManager
+from .webhooks import DEFAULT_STATES, FORMATS, Webhooks, redact
 
 
 class CumulusApp(ExtensionApp):
@@ -146,7 +148,61 @@ class CumulusApp(ExtensionApp):
         "where installed).",
     )
 
+    notify_url = List(
+        Unicode(),
+        default_value=[],
+        config=True,
+        help="URLs that receive a POST with the event as JSON when a job reaches one of "
+        "CumulusApp.notify_states (on the command line: --CumulusApp.notify_url=URL, several "
+        "separated by commas). Delivery is retried with backoff for notify_retry_seconds; "
+        "URLs are logged without their query string or user info.",
+    )
+    notify_states = List(
+        Unicode(),
+        default_value=list(DEFAULT_STATES),
+        config=True,
+        help="The job states that are posted to CumulusApp.notify_url "
+        "(e.g. --CumulusApp.notify_states=completed,failed).",
+    )
+    notify_format = CaselessStrEnum(
+        list(FORMATS),
+        default_value="json",
+        config=True,
+        help="'json' posts the event as it is; 'slack' posts a Slack incoming-webhook message.",
+    )
+    notify_retry_seconds = Float(
+        300.0,
+        config=True,
+        help="How long a failed webhook POST is tried again before it is dropped.",
+    )
+    event_limit = Integer(
+        10_000, config=True, help="How many events the event log keeps (the newest)."
+    )
+    event_days = Float(30.0, config=True, help="How many days the event log keeps an event.")
+
+    @validate("notify_url")
+    def _validate_notify_url(self, proposal: Any) -> list[str]:
+        urls = _comma_list(proposal["value"])
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise TraitError(
+                    f"CumulusApp.notify_url: {redact(url)!r} is not an http:// or https:// URL"
+                )
+        return urls
+
+    @validate("notify_states")
+    def _validate_notify_states(self, proposal: Any) -> list[str]:
+        states = _comma_list(proposal["value"])
+        known = [s.value for s in JobState]
+        for state in states:
+            if state not in known:
+                raise TraitError(
+                    f"CumulusApp.notify_states: {state!r} is not a job state; use some of {known}"
+                )
+        return states
+
     manager: JobManager | None = None
+    webhooks: Webhooks | None = None
 
     @classmethod
     def make_serverapp(cls, **kwargs: Any) -> Any:
@@ -155,6 +211,15 @@ class CumulusApp(ExtensionApp):
         kwargs.setdefault("port", 8081)
         kwargs.setdefault("open_browser", False)
         return super().make_serverapp(**kwargs)
+
+    def _link_jupyter_server_extension(self, serverapp: Any) -> None:
+        try:
+            super()._link_jupyter_server_extension(serverapp)
+        except TraitError as e:
+            # Jupyter would log this as a warning and go on with the defaults
+            # (another job root, no webhooks): refuse to start instead.
+            self.log.critical("cumulus: %s", e)
+            raise SystemExit(f"cumulus: {e}") from None
 
     def initialize_settings(self) -> None:
         backend: Backend[Any]
@@ -176,7 +241,18 @@ class CumulusApp(ExtensionApp):
             max_payload_bytes=self.max_payload_bytes,
             job_nice=self.job_nice,
             log=self.log,
+            event_limit=self.event_limit,
+            event_max_age=self.event_days * 86400,
         )
+        if self.notify_url:
+            self.webhooks = Webhooks(
+                self.notify_url,
+                self.notify_states,
+                self.notify_format,
+                retry_for=self.notify_retry_seconds,
+                log=self.log,
+            )
+            self.manager.events.subscribe(self.webhooks)
         self.settings["cumulus_manager"] = self.manager
         self.log.info(
             "cumulus: jobs in %s, devices %s", self.manager.store.root, self.manager.ledger.devices
@@ -232,6 +308,13 @@ class CumulusApp(ExtensionApp):
             warm = getattr(self.manager.backend, "warm", None)
             if warm is not None:
                 warm.close()
+        if self.webhooks is not None:
+            await self.webhooks.close()
+
+
+def _comma_list(values: list[str]) -> list[str]:
+    """A list trait given on the command line as one "a,b" string, or as a list."""
+    return [part.strip() for value in values for part in str(value).split(",") if part.strip()]
 
 
 main = launch_new_instance = CumulusApp.launch_instance

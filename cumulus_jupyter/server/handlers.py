@@ -314,12 +314,38 @@ class GpusHandler(CumulusHandler):
         self.reply({"gpus": self.manager.gpu_usage(), "warm": warm.usage() if warm else None})
 
 
+class EventsHandler(CumulusHandler):
+    """``GET events?since=N&wait=S``: the events after sequence number N, oldest first.
+
+    With ``wait`` the request is held up to S seconds until there is one (a
+    long-poll: it answers as soon as an event is added). ``first`` is the
+    oldest event still kept: a client whose ``since`` is older missed some.
+    """
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        since = int(self.number_arg("since", 0, 0, 2**53))
+        wait = self.number_arg("wait", 0.0, 0.0, MAX_WAIT)
+        limit = int(self.number_arg("limit", 1000, 1, 10_000))
+        log = self.manager.events
+        if since > log.last:
+            # A sequence number from another job root, or a log that was lost:
+            # answer now with where the log stands, the client starts again there.
+            wait = 0.0
+        if wait > 0:
+            await log.wait(since, wait)
+        events = log.since(since, limit)
+        self.reply({"events": events, "last": log.last, "first": log.first})
+
+
 def handlers() -> list[tuple[str, type[CumulusHandler]]]:
     """Routes relative to the server's base_url."""
     api = r"/cumulus/api"
     return [
         (rf"{api}/jobs/?", JobsHandler),
         (rf"{api}/gpus/?", GpusHandler),
+        (rf"{api}/events/?", EventsHandler),
         (rf"{api}/jobs/{_ID}/?", JobHandler),
         (rf"{api}/jobs/{_ID}/pause/?", PauseHandler),
         (rf"{api}/jobs/{_ID}/resume/?", ResumeHandler),

@@ -25,9 +25,10 @@ from typing import Any
 
 from ..errors import InvalidStateError, JobNotFoundError
 from ..jobdir import JobDir, job_environment
-from ..manifest import CheckpointIndex
+from ..manifest import MANIFEST, CheckpointIndex
 from ..states import RESUMABLE, RUNNING_STATES, Action, JobState, can_transition, end_state, refusal
 from .backends import Backend, LocalBackend, RunHandle
+from .events import EventLog
 from .gpu import ShareLedger
 from .monitor import Escalation, Monitor, end_message
 from .record import JobRecord
@@ -35,6 +36,7 @@ from .requests import RankLimit, ResumeRequest, Submission
 from .store import JobStore
 
 _WAITING = "waiting for a GPU share"
+_UNSEEN = object()
 
 
 class JobManager:
@@ -51,6 +53,8 @@ class JobManager:
         max_payload_bytes: int = 256 << 20,
         job_nice: int = 5,
         log: logging.Logger | None = None,
+        event_limit: int = 10_000,
+        event_max_age: float = 30 * 86400,
     ):
         self.store = JobStore(root)
         self.backend: Backend[Any] = backend or LocalBackend()
@@ -62,6 +66,12 @@ class JobManager:
         self.log = log or logging.getLogger("cumulus_jupyter")
         self.jobs: dict[str, JobRecord] = {}
         self.monitor = Monitor(self, self.log)
+        #: Every change of every job, numbered (GET /cumulus/api/events).
+        self.events = EventLog(
+            self.store.root, max_events=event_limit, max_age=event_max_age, log=self.log
+        )
+        self._manifest_mtime: dict[str, int | None] = {}  # per running job
+        self._checkpoint_seen: dict[str, object] = {}  # newest checkpoint's name per job
         self._changed: dict[str, asyncio.Event] = {}
         self._starting: set[str] = set()  # queued jobs whose run's process is being started
         self._finishing: set[str] = set()  # jobs whose ended run is being collected
@@ -155,6 +165,8 @@ class JobManager:
             submission.origins,
         )
         self.jobs[job_id] = job
+        self._checkpoint_seen[job_id] = None  # a new job: its first checkpoint is news
+        self.event(job, "state", old=None, new=job.state.value, message=job.message)
         self.admit()
         return self.public(job_id)
 
@@ -260,6 +272,9 @@ class JobManager:
             self._allow(Action.DELETE, job)
         self.store.remove(job_id, on_error=functools.partial(self._not_removed, job_id))
         del self.jobs[job_id]
+        self._manifest_mtime.pop(job_id, None)
+        self._checkpoint_seen.pop(job_id, None)
+        self.event(job, "deleted", old=job.state.value)
         self._notify(job_id)
 
     def _not_removed(self, job_id: str, error: OSError) -> None:
@@ -327,11 +342,57 @@ class JobManager:
 
     def set_state(self, job: JobRecord, new: JobState, message: str) -> None:
         """The one way a job changes state: legal transitions only (see states.py)."""
-        if job.state is not new and not can_transition(job.state, new):
-            raise InvalidStateError(f"job {job.id} cannot go from {job.state} to {new}")
+        old = job.state
+        if old is not new and not can_transition(old, new):
+            raise InvalidStateError(f"job {job.id} cannot go from {old} to {new}")
         job.state = new
         job.message = message
         self.save(job)
+        if old is not new:
+            self.event(job, "state", old=old.value, new=new.value, message=message)
+
+    def event(self, job: JobRecord, kind: str, **fields: Any) -> None:
+        """Add one event about ``job`` to the event log (see :mod:`.events`)."""
+        self.events.add(
+            kind=kind,
+            job=job.id,
+            name=job.name,
+            run=job.run,
+            notify=job.notify,
+            # What the job last reported: the loss it ended at, its epoch.
+            metrics=self.store.last_metrics(job.id),
+            **fields,
+        )
+
+    def note_checkpoints(self, job: JobRecord) -> None:
+        """Add an event when a job has committed a new checkpoint since the last look.
+
+        A ``stat`` of the manifest per look; it is read only when it changed.
+        A job first looked at after a server restart is only taken note of.
+        """
+        path = self.store.dir(job.id).checkpoints / MANIFEST
+        try:
+            mtime: int | None = os.stat(path).st_mtime_ns
+        except OSError:
+            mtime = None
+        if job.id in self._manifest_mtime and self._manifest_mtime[job.id] == mtime:
+            return
+        self._manifest_mtime[job.id] = mtime
+        latest = None
+        if mtime is not None:
+            with contextlib.suppress(ValueError, OSError):
+                latest = self.checkpoint_index(job.id).latest()
+        name = latest["name"] if latest else None
+        seen = self._checkpoint_seen.get(job.id, _UNSEEN)
+        self._checkpoint_seen[job.id] = name
+        if latest is not None and seen is not _UNSEEN and name != seen:
+            self.event(
+                job,
+                "checkpoint",
+                checkpoint=name,
+                epoch=latest.get("epoch"),
+                step=latest.get("step"),
+            )
 
     # -- runs ------------------------------------------------------------------------------
 
@@ -538,6 +599,9 @@ class JobManager:
 
     def _record_end(self, job: JobRecord, exit_code: int | None) -> None:
         job_id = job.id
+        # The checkpoint a run saved as it stopped (a pause) comes before its end.
+        self.note_checkpoints(job)
+        self._manifest_mtime.pop(job_id, None)  # the next run looks afresh
         reported = self.store.dir(job_id).read_state()
         outcome = None
         if reported.get("run") == job.run:
@@ -586,6 +650,7 @@ class JobManager:
     def _restart(self, job: JobRecord, cause: str) -> None:
         """Queue a lost run again: it continues from the newest good checkpoint."""
         job.restarts.append({"run": job.run, "time": time.time(), "cause": cause})
+        self.event(job, "restart", message=cause, restarts=len(job.restarts))
         self.log.warning(
             "cumulus: job %s: run %d was lost (%s); restarting it (%d of %d)",
             job.id,
@@ -617,3 +682,4 @@ class JobManager:
         job.escalation = signal
         job.escalated_at = time.time()
         self.save(job)
+        self.event(job, "escalation", signal=signal, message=f"{signal} sent")

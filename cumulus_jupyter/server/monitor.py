@@ -154,6 +154,7 @@ class Monitor:
                 continue
             if backend.places_runs and not job.devices:
                 manager.learn_devices(job)
+            manager.note_checkpoints(job)
             if duration_reached(job, now):
                 manager.pause(job.id, reason="duration")
             signal = escalation_due(job, now, manager.pause_timeout, manager.kill_grace)

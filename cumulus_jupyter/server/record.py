@@ -80,6 +80,8 @@ class JobRecord:
     max_restarts: int = 0
     #: Every such restart: the run that was lost, when, and why.
     restarts: list[dict[str, Any]] = field(default_factory=list)
+    #: Whether its changes are announced (JupyterLab notifications, webhooks).
+    notify: bool = True
     #: Set when job.json could not be read: the job can only be deleted.
     damaged: bool = False
     #: Fields this version does not know (written by another one), kept as they were.
@@ -145,6 +147,8 @@ class JobRecord:
         max_restarts = data.get("max_restarts", 0)
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
             raise ValueError(f"job.json has no valid 'max_restarts' ({max_restarts!r})")
+        if not isinstance(data.get("notify", True), bool):
+            raise ValueError(f"job.json has no valid 'notify' ({data.get('notify')!r})")
         if not isinstance(data.get("restarts", []), list):
             raise ValueError("job.json has no valid 'restarts'")
         devices = data.get("devices")
@@ -175,6 +179,7 @@ class JobRecord:
             duration=submission.duration,
             nprocs=submission.nprocs,
             max_restarts=submission.max_restarts,
+            notify=submission.notify,
             queued_at=now,
             message=message,
         )

@@ -25,6 +25,7 @@ SUBMIT_FIELDS = frozenset(
         "duration",
         "nprocs",
         "max_restarts",
+        "notify",
         "python",
         "python_version",
     }
@@ -74,6 +75,8 @@ class Submission:
     python_version: str
     #: How many times a run that dies unasked starts again from its newest checkpoint.
     max_restarts: int = 0
+    #: Whether the job's changes are announced (JupyterLab notifications, webhooks).
+    notify: bool = True
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,11 @@ def parse_submission(body: Any, max_payload_bytes: int, ranks: RankLimit) -> Sub
         raise BadRequestError(str(e)) from None
     nprocs = ranks.check(body.get("nprocs", 1))
     max_restarts = parse_max_restarts(body.get("max_restarts", 0))
+    notify = body.get("notify", True)
+    if not isinstance(notify, bool):
+        raise BadRequestError(
+            f"notify must be true or false (announce the job's end or not), got {notify!r}"
+        )
     version = body.get("python_version")
     if not isinstance(version, str) or not version:
         raise BadRequestError(
@@ -135,6 +143,7 @@ def parse_submission(body: Any, max_payload_bytes: int, ranks: RankLimit) -> Sub
         python=_choose_python(body.get("python"), version),
         python_version=version,
         max_restarts=max_restarts,
+        notify=notify,
     )
 
 

@@ -272,6 +272,23 @@ class JobStore:
         except FileNotFoundError:
             return b"", 0
 
+    def last_metrics(self, job_id: str) -> dict[str, Any]:
+        """The job's last reported metrics record ({} if none)."""
+        try:
+            with open(self.dir(job_id).metrics, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 8192))
+                lines = f.read().splitlines()
+        except OSError:
+            return {}
+        for line in reversed(lines):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # cut by the seek, or by a crash mid-write
+            if isinstance(record, dict):
+                return record
+        return {}
+
     def last_log_line(self, job_id: str) -> str:
         """The job's last line of output: often the reason it died."""
         try:

@@ -40,6 +40,8 @@ export interface IJob {
   nprocs: number;
   /** The devices its current or last run got, one per rank on a GPU host. */
   devices: string[];
+  /** With the Ray backend: the node of its current or last run. */
+  node?: string | null;
   message: string;
   elapsed: number | null;
   run: number;

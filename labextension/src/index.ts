@@ -1,6 +1,6 @@
 /**
- * cumulus-jupyter's JupyterLab extension: the "Cumulus jobs" side panel and
- * the command that opens it.
+ * cumulus-jupyter's JupyterLab extension: the "Cumulus jobs" side panel, the
+ * command that opens it, and notifications when a job ends or stops.
  */
 import {
   ILayoutRestorer,
@@ -8,8 +8,11 @@ import {
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
 import { ICommandPalette } from '@jupyterlab/apputils';
+import { ISettingRegistry } from '@jupyterlab/settingregistry';
 
 import { cumulusIcon } from './icon';
+import { sharedEvents } from './events';
+import { DEFAULT_NOTIFY_STATES, JobNotifier } from './notify';
 import { JobsPanel } from './panel';
 
 export { CumulusError, requestAPI } from './api';
@@ -32,7 +35,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
     restorer: ILayoutRestorer | null,
     palette: ICommandPalette | null
   ) => {
-    const panel = new JobsPanel();
+    const panel = new JobsPanel(sharedEvents());
     app.shell.add(panel, 'left', { rank: 700 });
     if (restorer) {
       // Reopens the panel if it was open when the page was left.
@@ -43,7 +46,13 @@ const plugin: JupyterFrontEndPlugin<void> = {
       label: 'Open the Cumulus Jobs Panel',
       caption: 'Every training job of this server, with pause and resume',
       icon: cumulusIcon,
-      execute: () => app.shell.activateById(panel.id)
+      // `job`: open that job's details too (a notification's "Show").
+      execute: args => {
+        app.shell.activateById(panel.id);
+        if (typeof args.job === 'string' && args.job) {
+          panel.model.select(args.job);
+        }
+      }
     });
     app.commands.addCommand(CommandIDs.refresh, {
       label: 'Refresh Cumulus Jobs',
@@ -56,4 +65,39 @@ const plugin: JupyterFrontEndPlugin<void> = {
   }
 };
 
-export default plugin;
+const notifications: JupyterFrontEndPlugin<void> = {
+  id: 'cumulus-jupyter:notifications',
+  description:
+    'Notifications when a cumulus job completes, fails, pauses, times out or is lost.',
+  autoStart: true,
+  optional: [ISettingRegistry],
+  activate: (app: JupyterFrontEnd, registry: ISettingRegistry | null) => {
+    const notifier = new JobNotifier({
+      events: sharedEvents(),
+      show: job => void app.commands.execute(CommandIDs.openPanel, { job })
+    });
+    if (registry) {
+      const apply = (settings: ISettingRegistry.ISettings) => {
+        notifier.enabled = settings.get('enabled').composite !== false;
+        const states = settings.get('states').composite;
+        notifier.states = new Set(
+          Array.isArray(states) ? (states as string[]) : DEFAULT_NOTIFY_STATES
+        );
+      };
+      registry
+        .load(notifications.id)
+        .then(settings => {
+          apply(settings);
+          settings.changed.connect(apply);
+        })
+        .catch(reason =>
+          console.warn(
+            'cumulus-jupyter: notification settings not loaded',
+            reason
+          )
+        );
+    }
+  }
+};
+
+export default [plugin, notifications];

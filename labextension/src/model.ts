@@ -1,6 +1,10 @@
 /**
  * The panel's view of the job server: one poll that keeps the job list, the
  * GPU shares, each job's latest `report()` and the open job's details fresh.
+ *
+ * With the server's event log followed (an `EventStream`), the list is read
+ * whole once; after that an update fetches only the jobs an event named and
+ * the active ones (whose progress moves), and an event triggers one at once.
  */
 import { Poll } from '@lumino/polling';
 import { ISignal, Signal } from '@lumino/signaling';
@@ -8,6 +12,7 @@ import { IDisposable } from '@lumino/disposable';
 
 import {
   ACTIVE,
+  CumulusError,
   ICheckpoint,
   IGpu,
   IJob,
@@ -17,6 +22,7 @@ import {
   jobPath,
   requestAPI
 } from './api';
+import { EventStream, IEventBatch } from './events';
 import { StepMerger } from './metrics';
 
 /** How much of the open job's log the panel keeps. */
@@ -38,12 +44,19 @@ export namespace JobsModel {
   export interface IOptions {
     /** Whether anyone can see the panel; the poll stands by while not. */
     isVisible: () => boolean;
+    /** The server's events: which jobs changed (without it, every job is read each time). */
+    events?: EventStream;
   }
 }
 
 export class JobsModel implements IDisposable {
   constructor(options: JobsModel.IOptions) {
     this._isVisible = options.isVisible;
+    this._events = options.events ?? null;
+    if (this._events) {
+      this._events.received.connect(this._onEvents, this);
+      this._events.missed.connect(this._onMissed, this);
+    }
     this._poll = new Poll({
       auto: false,
       factory: () => this._update(),
@@ -170,15 +183,76 @@ export class JobsModel implements IDisposable {
     if (this.isDisposed) {
       return;
     }
+    this._events?.received.disconnect(this._onEvents, this);
+    this._events?.missed.disconnect(this._onMissed, this);
     this._poll.dispose();
     Signal.clearData(this);
   }
 
+  private _onEvents(_: EventStream, batch: IEventBatch): void {
+    if (batch.initial) {
+      return; // the first update reads every job anyway
+    }
+    for (const event of batch.events) {
+      this._stale.add(event.job);
+      if (event.kind === 'state' || event.kind === 'deleted') {
+        this._gpusStale = true; // shares are taken and freed as jobs start and end
+      }
+    }
+    this._refreshSoon();
+  }
+
+  private _onMissed(): void {
+    this._readAll = true;
+    this._refreshSoon();
+  }
+
+  /** The job list and GPU shares: whole, or only what changed since the last update. */
+  private async _fetchJobs(): Promise<{ jobs: IJob[]; gpus: IGpu[] }> {
+    if (this._readAll || !this._events?.connected) {
+      const answer = await requestAPI<{ jobs: IJob[]; gpus: IGpu[] }>('jobs');
+      this._readAll = false;
+      this._stale.clear();
+      this._gpusStale = false;
+      return answer;
+    }
+    const ids = new Set(this._stale);
+    this._stale.clear();
+    for (const job of this._jobs) {
+      if (ACTIVE.has(job.state)) {
+        ids.add(job.id); // its elapsed time and message move on
+      }
+    }
+    const byId = new Map(this._jobs.map(j => [j.id, j]));
+    await Promise.all(
+      [...ids].map(async id => {
+        try {
+          byId.set(id, await requestAPI<IJob>(jobPath(id)));
+        } catch (error) {
+          if ((error as CumulusError).status !== 404) {
+            this._stale.add(id); // try again at the next update
+            throw error;
+          }
+          byId.delete(id); // deleted
+        }
+      })
+    );
+    let gpus = this._gpus as IGpu[];
+    if (this._gpusStale) {
+      this._gpusStale = false;
+      gpus = (await requestAPI<{ gpus: IGpu[] }>('gpus')).gpus;
+    }
+    const jobs = [...byId.values()].sort(
+      (a, b) =>
+        (a.created ?? 0) - (b.created ?? 0) ||
+        (a.id < b.id ? -1 : a.id > b.id ? 1 : 0)
+    );
+    return { jobs, gpus };
+  }
+
   private async _update(): Promise<void> {
     try {
-      const { jobs, gpus } = await requestAPI<{ jobs: IJob[]; gpus: IGpu[] }>(
-        'jobs'
-      );
+      const { jobs, gpus } = await this._fetchJobs();
       const known = new Set(jobs.map(j => j.id));
       for (const id of this._metrics.keys()) {
         if (!known.has(id)) {
@@ -274,6 +348,10 @@ export class JobsModel implements IDisposable {
 
   private _changed = new Signal<this, void>(this);
   private _detail: IJobDetail | null = null;
+  private _events: EventStream | null;
+  private _gpusStale = false;
+  private _readAll = true;
+  private _stale = new Set<string>();
   private _error: string | null = null;
   private _gpus: IGpu[] = [];
   private _isVisible: () => boolean;

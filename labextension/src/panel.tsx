@@ -11,20 +11,23 @@ import { ACTIVE, IGpu, IJob, IMetrics, JobAction } from './api';
 import { ActionButton } from './button';
 import { MetricsChart } from './chart';
 import { CheckpointTable } from './checkpoints';
+import { EventStream } from './events';
 import { clock, formatValue, percent } from './format';
 import { cumulusIcon } from './icon';
 import { POSITION_FIELDS } from './metrics';
 import { JobsModel } from './model';
 
 export class JobsPanel extends ReactWidget {
-  constructor() {
+  /** `events`: the server's event log; the panel then reads only the jobs that changed. */
+  constructor(events?: EventStream) {
     super();
     this.id = 'cumulus-jobs';
     this.title.icon = cumulusIcon;
     this.title.caption = 'Cumulus jobs';
     this.addClass('jp-CumulusPanel');
     this.model = new JobsModel({
-      isVisible: () => this.isVisible
+      isVisible: () => this.isVisible,
+      events
     });
     void this.model.start();
   }
@@ -372,8 +375,10 @@ function deviceLabel(job: IJob): string {
     return `waiting for ${job.nprocs > 1 ? `${job.nprocs} devices` : 'a device'}`;
   }
   const devices = job.devices?.length ? job.devices : [job.device];
+  // On a Ray cluster: the node Ray placed the run on.
+  const node = job.node ? ` · node ${job.node}` : '';
   if (devices.every(d => d === 'cpu')) {
-    return `CPU${ranks}`;
+    return `CPU${ranks}${node}`;
   }
-  return `GPU${devices.length > 1 ? 's' : ''} ${devices.join(', ')}${ranks}`;
+  return `GPU${devices.length > 1 ? 's' : ''} ${devices.join(', ')}${ranks}${node}`;
 }

@@ -142,6 +142,7 @@ class RayBackend(Backend[RayRun], LoggingConfigurable, metaclass=_ConfigurableBa
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._unreachable = False
 
     # -- the interface -------------------------------------------------------------
 
@@ -364,8 +365,18 @@ class RayBackend(Backend[RayRun], LoggingConfigurable, metaclass=_ConfigurableBa
                 try:
                     info = self._fetch(sid)
                 except Exception as e:  # the cluster is unreachable: try again later
-                    self.log.warning("cumulus: cannot read Ray job %s: %s", sid, _one_line(str(e)))
+                    if not self._unreachable:  # once per outage, not 4 times a second
+                        self.log.warning(
+                            "cumulus: cannot read Ray's jobs at %s (runs are kept as they "
+                            "were until it answers): %s",
+                            self.address,
+                            _one_line(str(e)),
+                        )
+                    self._unreachable = True
                     continue
+                if self._unreachable:
+                    self.log.info("cumulus: Ray at %s answers again", self.address)
+                    self._unreachable = False
                 ended = info is None or _status(info) not in _ACTIVE
                 with self._lock:
                     self._info[sid] = info
