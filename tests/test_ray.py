@@ -133,6 +133,7 @@ def test_a_job_runs_as_a_ray_job_and_its_record_says_where(server, ray_cluster):
     assert info["devices"] == [info["device"]] and info["device"] in ("0",)
     assert run["submitted"] <= run["started"] <= run["ended"]
     assert info["state"] == "completed"
+    assert client.gpus() == []  # Ray holds the shares, not this server
     assert f"on node {info['node']}" in job_header_html(info)  # the widget says where
 
 

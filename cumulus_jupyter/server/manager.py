@@ -137,6 +137,8 @@ class JobManager:
         return job.state is JobState.QUEUED and job.submitted_at is not None
 
     def gpu_usage(self) -> list[dict[str, Any]]:
+        if self.backend.places_runs:
+            return []  # the engine (Ray) holds the shares: `ray status` shows them
         return self.ledger.usage()
 
     @property
