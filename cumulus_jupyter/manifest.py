@@ -190,6 +190,13 @@ class CheckpointIndex:
         finally:
             os.close(fd)
 
+    def changed_ns(self) -> int | None:
+        """When the manifest last changed (ns), None without one: a cheap "anything new?"."""
+        try:
+            return os.stat(self.dir / MANIFEST).st_mtime_ns
+        except OSError:
+            return None
+
     def _read(self) -> dict[str, Any]:
         """The manifest; :class:`ValueError` when it is damaged or missing with sidecars."""
         data = read_json(self.dir / MANIFEST, default=None)

@@ -184,6 +184,8 @@ def test_a_waiting_jobs_widget_is_woken_by_the_event_log(training):
         wait_until(lambda: w.state == "paused", what="the widget's first look")
         training.resume()  # not through the widget
         wait_until(lambda: w.state in ("queued", "running"), timeout=30, what="the wake-up")
+        # A queued job cannot be paused: let it run first.
+        wait_until(lambda: training.status() == "running", timeout=60, what="the job to run")
         training.pause()
         wait_until(lambda: w.state in ("pausing", "paused"), timeout=30, what="the next one")
     finally:

@@ -307,15 +307,15 @@ class CumulusClient:
         """Per device: the share taken and by which jobs."""
         return self._json("GET", "gpus")["gpus"]
 
-    def events(self, since: int = 0, wait: float = 0.0) -> dict[str, Any]:
+    def events(self, since: int = 0, wait: float = 0.0, limit: int = 1000) -> dict[str, Any]:
         """Events after sequence number ``since``: ``{'events': [...], 'last', 'first'}``.
 
-        ``wait`` holds the request up to that many seconds until there is one.
-        Pass ``last`` as the next ``since`` to follow every change of every job.
+        ``wait`` holds the request up to that many seconds until there is one;
+        at most ``limit`` events come back. Pass ``last`` as the next ``since``
+        to follow every change of every job.
         """
-        return self._json(
-            "GET", "events", params={"since": since, "wait": wait}, timeout=wait + self.timeout
-        )
+        params = {"since": since, "wait": wait, "limit": limit}
+        return self._json("GET", "events", params=params, timeout=wait + self.timeout)
 
 
 class Job:

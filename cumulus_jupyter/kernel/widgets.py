@@ -99,19 +99,24 @@ class _Poller:
                     self._watchers.pop(client.url, None)
                     return
             try:
-                answer = client.events(since=since or 0, wait=0 if since is None else _EVENT_WAIT)
+                if since is None:
+                    answer = client.events(limit=1)  # where the log stands
+                else:
+                    answer = client.events(since=since, wait=_EVENT_WAIT)
             except (CumulusError, OSError):
                 # The server is away (or too old for events): the periodic
                 # refresh goes on and says so; look again a little later.
                 time.sleep(_EVENT_WAIT / 4)
                 continue
-            if since is not None:
-                changed = {e.get("job") for e in answer["events"]}
-                for widget in mine:
-                    if widget.job_id() in changed:
-                        widget.wake()
-                if changed:
-                    self._wake.set()
+            # The first answer only says where the log stands: a change made
+            # between a widget's own first look and that answer would be
+            # missed, so every widget looks again once now.
+            changed = {e.get("job") for e in answer["events"]} if since is not None else None
+            woken = [w for w in mine if changed is None or w.job_id() in changed]
+            for widget in woken:
+                widget.wake()
+            if woken:
+                self._wake.set()
             since = answer["last"]
 
     def remove(self, widget: _Polled) -> None:

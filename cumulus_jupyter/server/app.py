@@ -265,7 +265,7 @@ class CumulusApp(ExtensionApp):
             root = Path(self.job_root)
             root.mkdir(parents=True, exist_ok=True)
             nodes = backend.check_root(root)
-        except RuntimeError as e:
+        except (RuntimeError, OSError) as e:  # OSError: the cluster went away meanwhile
             # Refuse to start: a server whose runs cannot read their job
             # directories would fail every job later, one by one.
             self.log.critical("cumulus: %s", e)

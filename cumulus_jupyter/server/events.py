@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ class EventLog:
         self._last = 0
         self._on_disk = 0  # lines in the file, kept ones or not
         self._changed: asyncio.Event | None = None  # made by the first waiter
-        self._listeners: list[Any] = []
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self._load()
 
     # -- reading --------------------------------------------------------------------
@@ -90,7 +91,7 @@ class EventLog:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(event.wait(), left)
 
-    def subscribe(self, listener: Any) -> None:
+    def subscribe(self, listener: Callable[[dict[str, Any]], None]) -> None:
         """Call ``listener(event)`` for every event from now on (webhooks)."""
         self._listeners.append(listener)
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import InvalidStateError, JobNotFoundError
 from ..jobdir import JobDir, job_environment
-from ..manifest import MANIFEST, CheckpointIndex
+from ..manifest import CheckpointIndex
 from ..states import RESUMABLE, RUNNING_STATES, Action, JobState, can_transition, end_state, refusal
 from .backends import Backend, LocalBackend, RunHandle
 from .events import EventLog
@@ -36,6 +36,8 @@ from .requests import RankLimit, ResumeRequest, Submission
 from .store import JobStore
 
 _WAITING = "waiting for a GPU share"
+#: A run handed to an engine that places runs itself, not started by it yet.
+_PLACING = "submitted; waiting to be placed"
 _UNSEEN = object()
 
 
@@ -372,18 +374,15 @@ class JobManager:
         A ``stat`` of the manifest per look; it is read only when it changed.
         A job first looked at after a server restart is only taken note of.
         """
-        path = self.store.dir(job.id).checkpoints / MANIFEST
-        try:
-            mtime: int | None = os.stat(path).st_mtime_ns
-        except OSError:
-            mtime = None
+        index = self.checkpoint_index(job.id)
+        mtime = index.changed_ns()
         if job.id in self._manifest_mtime and self._manifest_mtime[job.id] == mtime:
             return
         self._manifest_mtime[job.id] = mtime
         latest = None
         if mtime is not None:
             with contextlib.suppress(ValueError, OSError):
-                latest = self.checkpoint_index(job.id).latest()
+                latest = index.latest()
         name = latest["name"] if latest else None
         seen = self._checkpoint_seen.get(job.id, _UNSEEN)
         self._checkpoint_seen[job.id] = name
@@ -457,13 +456,7 @@ class JobManager:
             job.id,
             run,
             gpu_fraction=job.gpu_memory,
-            # Pin the job to its devices, rank i to the i-th; with no GPUs
-            # configured, hide them all. An engine that places runs pins them.
-            cuda_devices=None
-            if self.backend.places_runs
-            else ",".join(devices)
-            if self.ledger.has_gpus
-            else "",
+            cuda_devices=self._visible_devices(devices),
             nice=self.job_nice,
             nprocs=nprocs,
             # The worker stops its ranks with the same grace the server gives it.
@@ -499,7 +492,7 @@ class JobManager:
         if self.backend.places_runs:
             job.submitted_at = now
             run_entry["submitted"] = now
-            self.set_state(job, JobState.QUEUED, "submitted; waiting to be placed")
+            self.set_state(job, JobState.QUEUED, _PLACING)
         else:
             job.device = devices[0]
             job.devices = list(devices)
@@ -507,6 +500,21 @@ class JobManager:
             job.started = run_entry["started"] = now
             self.set_state(job, JobState.RUNNING, "running")
         self.backend.watch(handle, functools.partial(self._run_ended, job))
+
+    def check_placement(self, job: JobRecord) -> None:
+        """A run handed to an engine that places runs: running now, or say why it waits."""
+        handle = self.handle(job)
+        if handle is None:
+            return
+        node = self.backend.placed(handle)
+        if node is not None or not self.backend.is_alive(handle):
+            self.placed(job, node)  # one that ended already is collected as any run
+            return
+        reason = self.backend.waiting_reason(handle)
+        message = f"{_PLACING}: {reason}" if reason else _PLACING
+        if message != job.message:
+            job.message = message
+            self.save(job)
 
     def placed(self, job: JobRecord, node: str | None) -> None:
         """The engine started the job's submitted run (on ``node``): it is running now."""
@@ -523,14 +531,22 @@ class JobManager:
     def learn_devices(self, job: JobRecord) -> None:
         """Record the devices an engine gave a run, once the run has reported them."""
         reported = self.store.dir(job.id).read_state()
-        visible = reported.get("cuda_visible_devices")
-        if reported.get("run") != job.run or not isinstance(visible, str):
-            return
-        job.devices = [d for d in visible.split(",") if d] or ["cpu"]
+        if reported.get("run") != job.run:
+            return  # not started far enough to say
+        # Unset or empty: the engine gave it no GPU.
+        visible = reported.get("cuda_visible_devices") or ""
+        job.devices = [d for d in str(visible).split(",") if d] or ["cpu"]
         job.device = job.devices[0]
         if job.runs:
             job.runs[-1].update(device=job.device, devices=list(job.devices))
         self.save(job)
+
+    def _visible_devices(self, devices: list[str]) -> str | None:
+        """What CUDA_VISIBLE_DEVICES becomes for a run placed on ``devices``."""
+        if self.backend.places_runs:
+            return None  # the engine pins the run to what it gave it
+        # Rank i on the i-th device; with no GPUs configured, hide them all.
+        return ",".join(devices) if self.ledger.has_gpus else ""
 
     def _start_process(self, files: JobDir, python: str, env: dict[str, str]) -> RunHandle:
         files.clear_result()  # the last run's outcome is not this one's

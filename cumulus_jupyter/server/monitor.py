@@ -145,7 +145,7 @@ class Monitor:
         backend = manager.backend
         for job in list(manager.jobs.values()):
             if manager.placing(job):
-                self._placing(job)
+                manager.check_placement(job)
             if job.state not in RUNNING_STATES or manager.finishing(job.id):
                 continue
             handle = manager.handle(job)
@@ -160,23 +160,6 @@ class Monitor:
             signal = escalation_due(job, now, manager.pause_timeout, manager.kill_grace)
             if signal is not None:
                 manager.escalate(job.id, signal)
-
-    def _placing(self, job: JobRecord) -> None:
-        """A run submitted to an engine that places runs: started yet, or why not."""
-        manager = self.manager
-        backend = manager.backend
-        handle = manager.handle(job)
-        if handle is None:
-            return
-        node = backend.placed(handle)
-        if node is not None or not backend.is_alive(handle):
-            manager.placed(job, node)  # an ended one is collected below, as any run
-            return
-        reason = backend.waiting_reason(handle)
-        message = f"submitted; waiting to be placed: {reason}" if reason else job.message
-        if message != job.message:
-            job.message = message
-            manager.save(job)
 
     async def _loop(self) -> None:
         while True:

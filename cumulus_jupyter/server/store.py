@@ -274,13 +274,7 @@ class JobStore:
 
     def last_metrics(self, job_id: str) -> dict[str, Any]:
         """The job's last reported metrics record ({} if none)."""
-        try:
-            with open(self.dir(job_id).metrics, "rb") as f:
-                f.seek(max(0, os.fstat(f.fileno()).st_size - 8192))
-                lines = f.read().splitlines()
-        except OSError:
-            return {}
-        for line in reversed(lines):
+        for line in reversed(_tail(self.dir(job_id).metrics, 8192).splitlines()):
             try:
                 record = json.loads(line)
             except ValueError:
@@ -291,12 +285,7 @@ class JobStore:
 
     def last_log_line(self, job_id: str) -> str:
         """The job's last line of output: often the reason it died."""
-        try:
-            with open(self.dir(job_id).output, "rb") as f:
-                f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
-                data = f.read()
-        except OSError:
-            return ""
+        data = _tail(self.dir(job_id).output, 4096)
         lines = [ln for ln in data.decode("utf-8", "replace").splitlines() if ln.strip()]
         return lines[-1].strip()[:300] if lines else ""
 
@@ -306,3 +295,13 @@ class JobStore:
             return shutil.disk_usage(self.path(job_id)).free
         except OSError:
             return None
+
+
+def _tail(path: Path, size: int) -> bytes:
+    """The last ``size`` bytes of a file (b"" if it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - size))
+            return f.read()
+    except OSError:
+        return b""

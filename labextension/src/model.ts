@@ -191,7 +191,10 @@ export class JobsModel implements IDisposable {
 
   private _onEvents(_: EventStream, batch: IEventBatch): void {
     if (batch.initial) {
-      return; // the first update reads every job anyway
+      // Where the log stood when this page began to follow it: a change made
+      // between the first read of the jobs and then would be missed.
+      this._onMissed();
+      return;
     }
     for (const event of batch.events) {
       this._stale.add(event.job);
@@ -210,11 +213,17 @@ export class JobsModel implements IDisposable {
   /** The job list and GPU shares: whole, or only what changed since the last update. */
   private async _fetchJobs(): Promise<{ jobs: IJob[]; gpus: IGpu[] }> {
     if (this._readAll || !this._events?.connected) {
-      const answer = await requestAPI<{ jobs: IJob[]; gpus: IGpu[] }>('jobs');
+      // Forget what was stale before asking, not after: an event that comes
+      // while the list is on its way may be newer than the list.
       this._readAll = false;
       this._stale.clear();
       this._gpusStale = false;
-      return answer;
+      try {
+        return await requestAPI<{ jobs: IJob[]; gpus: IGpu[] }>('jobs');
+      } catch (error) {
+        this._readAll = true;
+        throw error;
+      }
     }
     const ids = new Set(this._stale);
     this._stale.clear();
@@ -240,7 +249,12 @@ export class JobsModel implements IDisposable {
     let gpus = this._gpus as IGpu[];
     if (this._gpusStale) {
       this._gpusStale = false;
-      gpus = (await requestAPI<{ gpus: IGpu[] }>('gpus')).gpus;
+      try {
+        gpus = (await requestAPI<{ gpus: IGpu[] }>('gpus')).gpus;
+      } catch (error) {
+        this._gpusStale = true;
+        throw error;
+      }
     }
     const jobs = [...byId.values()].sort(
       (a, b) =>

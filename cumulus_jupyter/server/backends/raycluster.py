@@ -45,13 +45,14 @@ from ...jobdir import (
     worker_command,
 )
 from . import Backend
+from .rayprobe import PROBE_MARK
 
 #: Ray's job states that still hold (or wait for) resources.
 _ACTIVE = ("PENDING", "RUNNING")
+#: What the status thread has not read yet for a run (just submitted).
+_UNSEEN = object()
 #: How often a run looks at control.json: a pause cannot be signalled across nodes.
 CONTROL_POLL_SECONDS = 0.1
-#: Prefix of the line the probe job prints its findings on.
-PROBE_MARK = "cumulus-probe:"
 #: Ray's own variables of the server's environment describe the server's
 #: Ray session, not the run's; CUDA's are Ray's to set on the node.
 _NOT_PASSED = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
@@ -389,9 +390,6 @@ class RayBackend(Backend[RayRun], LoggingConfigurable, metaclass=_ConfigurableBa
                         loop.call_soon_threadsafe(on_exit)
             self._wake.wait(self.poll_interval)
             self._wake.clear()
-
-
-_UNSEEN = object()
 
 
 def _status(info: Any) -> str:

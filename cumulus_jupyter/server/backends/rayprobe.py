@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-PROBE_MARK = "cumulus-probe:"  # as raycluster.PROBE_MARK (this module must not import it)
+#: Prefix of the line the findings are printed on (the server looks for it).
+PROBE_MARK = "cumulus-probe:"
 
 
 def look(root: str, token: str, node: str) -> dict[str, Any]:
