@@ -1,24 +1,26 @@
 """Control-plane latency: status requests while 50 clients drive job lifecycles.
 
-    python benchmarks/control_plane.py [--clients 50]
+    python benchmarks/control_plane.py [--clients 50] [--rounds 5] [--job-nice N]
 
-Starts a headless job server, then runs the load twice, side by side in one
-run: with no other work, and with 2 jobs training on the CPU. Each of the
-clients submits a job and polls, pauses, resumes and maybe cancels it.
+Starts a headless job server and waits for its warm template, then, in each
+of ``--rounds`` rounds, runs the load twice, side by side: with no other
+work, and with 2 jobs training on the CPU. Each of the clients submits a job
+and polls, pauses, resumes and maybe cancels it.
 
 The status request is ``GET jobs/{id}`` (docs/rest-api.md). Its latency is
 measured twice:
 
 - by the load clients themselves (their one shared event loop is busy, so
   this includes their own delays);
-- by a probe: a separate process that imports neither torch nor cumulus (it
+- by a probe: a separate process in a session of its own (as a browser on
+  another machine would be) that imports neither torch nor cumulus (it
   checks ``sys.modules`` and says so) and sends ``GET jobs/{id}`` for a job
   submitted before the load, every 20 ms. It starts before the submit burst
   and stops only after the last client is done, so it covers the whole load
   window; only its samples sent inside that window count.
 
 The verdict comes from the probe, which is the server's latency: goal p99 <=
-100 ms under load with 2 jobs training.
+100 ms under load with 2 jobs training, judged on the median of the rounds.
 """
 
 from __future__ import annotations
@@ -74,102 +76,140 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description="control-plane latency benchmark")
     parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--job-nice", type=int, default=None, help="CumulusApp.job_nice (default: its default)"
+    )
     parser.add_argument("--probe", nargs=2, metavar=("URL", "TOKEN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
         probe(*args.probe)
         return
-    run(args.clients)
+    run(args.clients, args.rounds, args.job_nice)
 
 
-def run(clients: int) -> None:
+def run(clients: int, rounds: int, job_nice: int | None) -> None:
     # Imported here, not at the top: the probe process runs this file too and
     # must not import torch (jobfuncs does, through the runtime).
     sys.path.insert(0, str(TESTS))  # the server launcher and load clients the tests use
     import jobfuncs
     from conftest import _kill_leftover_jobs
-    from loadclients import run_clients
     from servers import ServerProcess, wait_until
 
-    server = ServerProcess(Path(tempfile.mkdtemp(prefix="cumulus-cp-"))).start()
+    config = {} if job_nice is None else {"job_nice": job_nice}
+    server = ServerProcess(Path(tempfile.mkdtemp(prefix="cumulus-cp-")), **config).start()
     base = server.url + "cumulus/api/"
-    rows = []
+    rows: list[dict] = []
     try:
         client = server.client()
-        for label in ("idle server", "2 jobs training"):
-            training = []
-            if label != "idle server":
-                training = [
-                    client.run_async(
-                        jobfuncs.resumable_train,
-                        kwargs={"epochs": 50, "steps": 10**6, "step_seconds": 0.0},
-                        gpu_memory=0.3,
-                    )
-                    for _ in range(2)
-                ]
-                for job in training:
-                    wait_until(lambda j=job: len(j.metrics()) > 20, timeout=120)
-            # The probe's job: submitted, and running, before the load starts.
-            target = client.run_async(jobfuncs.pausable_sleep, (3600,), gpu_memory=0.02)
-            wait_until(lambda t=target: t.status() == "running", timeout=120)
-            probe_proc = subprocess.Popen(
-                [sys.executable, __file__, "--probe", f"{base}jobs/{target.id}", server.token],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            assert probe_proc.stdout.readline().strip() == "ready"
-            window_start = time.time()
-            rec, _ = asyncio.run(
-                run_clients(
-                    base, server.token, clients, 180, jobfuncs.pausable_sleep, (1.0,), 0.008
+        # The load meets a server that has been up a while: its warm template
+        # (which forks the runs) has imported torch. Started with the server,
+        # it takes a few seconds; a burst before that measures cold starts.
+        t0 = time.monotonic()
+        wait_until(lambda: client._json("GET", "gpus")["warm"] is not None, timeout=180)
+        warm_after = time.monotonic() - t0
+        for round_no in range(rounds):
+            for label in PHASES:
+                rows.append(
+                    one_phase(client, base, server.token, clients, label, round_no, jobfuncs)
                 )
-            )
-            window_end = time.time()
-            out, _ = probe_proc.communicate(input="")
-            probed = json.loads(out)
-            assert not probed["torch_imported"], "the probe process imported torch"
-            for job in [*training, target]:
-                job.cancel()
-            samples = probed["samples"]
-            inside = [s for s in samples if window_start <= s[0] <= window_end]
-            # Sending until stdin closes, after window_end: it covers the whole window.
-            assert samples[0][0] <= window_start
-            probe_ms = [s[1] for s in inside]
-            probe_codes: dict[int, int] = {}
-            for s in inside:
-                probe_codes[s[2]] = probe_codes.get(s[2], 0) + 1
-            lat = [x * 1000 for x in rec.status_latencies]
-            rows.append(
-                {
-                    "label": label,
-                    "window": window_end - window_start,
-                    "n": len(lat),
-                    "p50": statistics.median(lat),
-                    "p99": percentile(lat, 0.99),
-                    "probe n": len(probe_ms),
-                    "probe p50": statistics.median(probe_ms),
-                    "probe p99": percentile(probe_ms, 0.99),
-                    "probe max": max(probe_ms),
-                    "probe codes": probe_codes,
-                    # When in the window the slowest answers were sent (s after its start).
-                    "slowest": sorted(inside, key=lambda s: -s[1])[:3],
-                    "start": window_start,
-                    "torch": probed["torch_imported"],
-                    "codes": rec.codes,
-                }
-            )
+                rows[-1]["round"] = round_no
     finally:
         server.stop()
         _kill_leftover_jobs(server.job_root)
-    print(f"{clients} concurrent clients; status request = GET /cumulus/api/jobs/{{id}}")
+    report(rows, clients, rounds, warm_after, job_nice)
+
+
+PHASES = ("idle server", "2 jobs training")
+
+
+def one_phase(client, base, token, clients, label, round_no, jobfuncs) -> dict:
+    """One load window: the probe's samples and the clients' own, for one phase."""
+    from loadclients import run_clients
+    from servers import wait_until
+
+    training = []
+    if label != "idle server":
+        training = [
+            client.run_async(
+                jobfuncs.resumable_train,
+                kwargs={"epochs": 50, "steps": 10**6, "step_seconds": 0.0},
+                gpu_memory=0.3,
+            )
+            for _ in range(2)
+        ]
+        for job in training:
+            wait_until(lambda j=job: len(j.metrics()) > 20, timeout=120)
+    # The probe's job: submitted, and running, before the load starts.
+    target = client.run_async(jobfuncs.pausable_sleep, (3600,), gpu_memory=0.02)
+    wait_until(lambda t=target: t.status() == "running", timeout=120)
+    probe_proc = subprocess.Popen(
+        [sys.executable, __file__, "--probe", f"{base}jobs/{target.id}", token],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        # A session of its own, as a user's browser elsewhere: with autogroup
+        # scheduling it would otherwise share one group's part of the CPU with
+        # the busy load clients, and its figures would hold their waits as
+        # well as the server's.
+        start_new_session=True,
+    )
+    assert probe_proc.stdout.readline().strip() == "ready"
+    window_start = time.time()
+    rec, _ = asyncio.run(
+        run_clients(base, token, clients, 180, jobfuncs.pausable_sleep, (1.0,), 0.008)
+    )
+    window_end = time.time()
+    out, _ = probe_proc.communicate(input="")
+    probed = json.loads(out)
+    assert not probed["torch_imported"], "the probe process imported torch"
+    for job in [*training, target]:
+        job.cancel()
+    for job in [*training, target]:  # the next phase starts on a quiet server
+        wait_until(lambda j=job: j.status() == "cancelled", timeout=120)
+    samples = probed["samples"]
+    inside = [s for s in samples if window_start <= s[0] <= window_end]
+    # Sending until stdin closes, after window_end: it covers the whole window.
+    assert samples[0][0] <= window_start
+    probe_ms = [s[1] for s in inside]
+    probe_codes: dict[int, int] = {}
+    for s in inside:
+        probe_codes[s[2]] = probe_codes.get(s[2], 0) + 1
+    lat = [x * 1000 for x in rec.status_latencies]
+    return {
+        "label": label,
+        "window": window_end - window_start,
+        "n": len(lat),
+        "p50": statistics.median(lat),
+        "p99": percentile(lat, 0.99),
+        "probe ms": probe_ms,
+        "probe n": len(probe_ms),
+        "probe p50": statistics.median(probe_ms),
+        "probe p99": percentile(probe_ms, 0.99),
+        "probe max": max(probe_ms),
+        "probe codes": probe_codes,
+        # When in the window the slowest answers were sent (s after its start).
+        "slowest": sorted(inside, key=lambda s: -s[1])[:3],
+        "start": window_start,
+        "torch": probed["torch_imported"],
+        "codes": rec.codes,
+    }
+
+
+def report(rows: list[dict], clients: int, rounds: int, warm_after: float, job_nice) -> None:
+    nice = "the default" if job_nice is None else job_nice
+    print(
+        f"{clients} concurrent clients, {rounds} rounds; status request ="
+        f" GET /cumulus/api/jobs/{{id}}; job_nice {nice}"
+    )
+    print(f"  the warm template was ready {warm_after:.1f} s after the server answered")
     print(
         f"  clients: the {clients} load clients (one event loop); probe: a separate process, "
         "one request every 20 ms over the whole load window"
     )
     for row in rows:
         print(
-            f"  {row['label']}: load window {row['window']:.1f} s;"
+            f"  round {row['round'] + 1}, {row['label']}: load window {row['window']:.1f} s;"
             f" probe process imported torch: {row['torch']}"
         )
         print(
@@ -186,14 +226,26 @@ def run(clients: int) -> None:
         )
         print(f"    probe's slowest answers (sent, s into the load window): {slowest}")
     # The goal is the server's latency: the probe's. The clients' own figure
-    # also holds the delays of their shared, busy event loop.
-    last = rows[-1]
-    ok = last["probe p99"] <= 100 and set(last["probe codes"]) == {200}
+    # also holds the delays of their shared, busy event loop. Judged on the
+    # median of the rounds' p99 (one round has about 100-300 probe samples,
+    # so its p99 is nearly its maximum).
+    by_phase = {label: [r for r in rows if r["label"] == label] for label in PHASES}
+    idle = statistics.median(r["probe p99"] for r in by_phase[PHASES[0]])
+    training = by_phase[PHASES[1]]
+    p99s = [r["probe p99"] for r in training]
+    median = statistics.median(p99s)
+    pooled = [ms for r in training for ms in r["probe ms"]]
+    ok = median <= 100 and all(set(r["probe codes"]) == {200} for r in training)
     print(
-        f"  server p99 (probe, GET jobs/{{id}}, n={last['probe n']}) with 2 jobs training:"
-        f" {last['probe p99']:.1f} ms, goal <= 100 ms: {'met' if ok else 'NOT met'}"
+        "  server p99 (probe, GET jobs/{id}) with 2 jobs training, per round: "
+        + ", ".join(f"{p:.1f}" for p in p99s)
+        + f" ms; all {len(pooled)} samples pooled: {percentile(pooled, 0.99):.1f} ms"
     )
-    print(f"  probe p99 training / idle: {last['probe p99'] / rows[0]['probe p99']:.2f}")
+    print(
+        f"  median of the rounds' p99 with 2 jobs training: {median:.1f} ms,"
+        f" goal <= 100 ms: {'met' if ok else 'NOT met'}"
+    )
+    print(f"  probe p99 training / idle (medians of rounds): {median / idle:.2f}")
 
 
 if __name__ == "__main__":

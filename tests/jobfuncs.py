@@ -858,3 +858,38 @@ def sharded_save_forever():
         ckpt.save(model, None, 0, step)
         step += 1
     return {"status": "paused"}
+
+
+def exit_and_collector_state(marker_dir):
+    """What a run's garbage collector and exit handlers hold; leaves a finalizer of its own.
+
+    The finalizer (``atexit`` true, as by default) writes ``<marker_dir>/finalized``
+    when the run exits.
+    """
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    def write(path):
+        with open(path, "w") as f:
+            f.write("done")
+
+    keep = Node()
+    weakref.finalize(keep, write, f"{marker_dir}/finalized")
+    globals()["_kept_until_exit"] = keep
+    cycle = Node()
+    cycle.me = cycle
+    del cycle
+    at_exit = [
+        getattr(info.func, "__module__", "")
+        for f, info in list(weakref.finalize._registry.items())
+        if f.atexit
+    ]
+    return {
+        "frozen": gc.get_freeze_count(),
+        "collected": gc.collect(),  # the run's own cycles are still collected
+        "torch_finalizers_at_exit": sum(m.startswith("torch") for m in at_exit),
+        "finalizers_at_exit": len(at_exit),
+    }

@@ -161,3 +161,16 @@ def test_an_upgraded_package_makes_the_template_stale(warm_server):
         assert [t.pid for t in templates(warm_server)] != [old]
     finally:
         os.utime(worker, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_a_forked_run_skips_the_template_s_collection_and_exit_work(warm_server, tmp_path):
+    """The template's objects are frozen (a collection in the run does not walk, and so
+    copy, its pages) and torch's finalizers are not called as the run exits; the run's
+    own cycles are collected and its own finalizers run."""
+    client = warm_client(warm_server)
+    state = client.run(jobfuncs.exit_and_collector_state, (str(tmp_path),), gpu_memory=0.1)
+    assert state["frozen"] > 10_000, state  # torch alone makes far more objects
+    assert state["collected"] >= 1, state
+    assert state["torch_finalizers_at_exit"] == 0, state
+    assert state["finalizers_at_exit"] == 1, state  # the run's own
+    wait_until((tmp_path / "finalized").exists, what="the run's own finalizer")

@@ -158,6 +158,16 @@ def fresh_seeds(torch: bool) -> None:
         sys.modules["torch"].seed()
 
 
+def warm_up() -> None:
+    """Import what each run imports as it starts (psutil, ``numpy.random``).
+
+    Called once by the warm template, so that the runs it forks find these
+    imported instead of importing them each time.
+    """
+    _process_start_time()
+    fresh_seeds(torch=True)
+
+
 def lower_priority(nice: int) -> None:
     """Give this process, and the session it leads, the niceness ``nice``."""
     if nice <= 0:

@@ -29,6 +29,7 @@ class LocalBackend(Backend[ProcessHandle]):
         self.warm = warm
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._forked: set[int] = set()  # runs the warm template started
+        self._reaped: dict[int, int] = {}  # forked runs the template reaped: their status
         self._watched: dict[int, tuple[asyncio.AbstractEventLoop, int]] = {}  # pid -> pidfd
 
     def handle(self, data: Any) -> ProcessHandle | None:
@@ -38,6 +39,7 @@ class LocalBackend(Backend[ProcessHandle]):
         pid = self.warm.fork(job_dir, python, env) if self.warm is not None else None
         if pid is not None:
             self._forked.add(pid)
+            self._reaped.pop(pid, None)  # an earlier run's, if the pid came round again
             try:
                 return ProcessHandle(pid, psutil.Process(pid).create_time())
             except psutil.Error:
@@ -80,7 +82,10 @@ class LocalBackend(Backend[ProcessHandle]):
 
     def exit_code(self, handle: ProcessHandle) -> int | None:
         if handle.pid in self._forked and self.warm is not None:
-            return self.warm.reap(handle.pid)  # the template is its parent
+            status = self.warm.reap(handle.pid)  # the template is its parent
+            if status is not None:
+                self._reaped[handle.pid] = status  # cleanup() need not ask again
+            return status
         child = self._children.get(handle.pid)
         if child is None:
             return None
@@ -140,6 +145,8 @@ class LocalBackend(Backend[ProcessHandle]):
             self._forked.discard(handle.pid)
             # Its parent, the template, kills the rest of its group and reaps it;
             # without an answer (the template died), look for its group below.
+            if self._reaped.pop(handle.pid, None) is not None:
+                return
             if self.warm is not None and self.warm.reap(handle.pid) is not None:
                 return
         # The main process is gone; stray members of its group (a DataLoader
