@@ -299,7 +299,7 @@ def other_rows() -> None:
     """The two goals with benchmarks of their own: run them, print their verdicts."""
     here = Path(__file__).resolve().parent
     for script, args, verdict in [
-        ("control_plane.py", [], "server p99"),
+        ("control_plane.py", [], "median of the rounds' p99"),
         ("checkpoint.py", ["--mb", "500", "--repeat", "3"], "async blocked /"),
     ]:
         done = subprocess.run(

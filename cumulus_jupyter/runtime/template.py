@@ -21,6 +21,13 @@ unusable), and it exits when the server that started it is gone. A forked run
 is made indistinguishable from a run started cold: its own session, the
 job's directory, environment and stdio, default signal dispositions, no
 inherited descriptors, and fresh seeds for every random generator.
+
+What the template holds stays the template's: it imports what every run
+imports (so no run imports it again), freezes its objects for the garbage
+collector before each fork (a collection in a run skips them, and their
+pages stay shared instead of being copied on write), and keeps the
+finalizers its imports registered from running as a run exits. A forked run
+costs about a hundredth of the CPU of a cold one (``benchmarks/run_cost.py``).
 """
 
 from __future__ import annotations
@@ -147,6 +154,7 @@ def main(argv: list[str]) -> int:
             importlib.import_module(name)
     importlib.import_module("cumulus_jupyter.runtime.worker").warm_up()
     _finalizers_stay_here()
+    gc.collect()  # the imports' garbage is not frozen with the rest (see _answer)
     parent = os.getppid()
     exits: dict[int, int] = {}
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
