@@ -3,7 +3,9 @@
 #   1. tests/gpu: a share is a CUDA memory cap, CUDA's RNG resumes bitwise, an
 #      async save of CUDA tensors equals a blocking one, nvidia-smi detection;
 #   2. benchmarks/checkpoint.py with its model, optimizer state and training
-#      step on the GPU.
+#      step on the GPU;
+#   3. with GPU_CHECK_CONTROL_PLANE=1, benchmarks/control_plane.py (3 rounds,
+#      about 2 minutes on 16 cores): the status latency under load there.
 #
 #   benchmarks/gpu_check.sh
 #
@@ -13,6 +15,9 @@
 # TORCH_SPEC    what pip installs when the environment's torch has no CUDA
 #               (default: the CUDA 12.4 wheels of download.pytorch.org).
 # CUMULUS_VENV  the environment set up otherwise (default .venv, as ./dev.sh).
+# GPU_CHECK_MB  the checkpoint benchmark's model size (default 64; 500 makes the
+#               1.56 GB checkpoint of the asynchronous-save goal).
+# GPU_CHECK_SECONDS  the whole run's time limit (default 470).
 #
 # Exits non-zero when the host has no usable GPU, the setup fails, a GPU test
 # fails or is skipped, the benchmark fails, or time runs out.
@@ -84,8 +89,14 @@ EOF
 run_by "$END" "$PY" -c 'import runpy, sys, torch
 torch.set_default_device("cuda")
 sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")' benchmarks/checkpoint.py --mb 64 --repeat 3 ||
-  status=1
+runpy.run_path(sys.argv[0], run_name="__main__")' benchmarks/checkpoint.py \
+  --mb "${GPU_CHECK_MB:-64}" --repeat 3 || status=1
+
+if [ "${GPU_CHECK_CONTROL_PLANE:-0}" = 1 ]; then
+  # The test tools' server launcher and load clients (tests/) drive a real
+  # server; its verdict line is printed, its goal is not a test.
+  run_by "$END" "$PY" benchmarks/control_plane.py --rounds 3 || status=1
+fi
 
 if [ "$status" -eq 0 ]; then
   echo "gpu_check: all GPU checks passed"
