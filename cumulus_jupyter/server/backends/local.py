@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import signal
 import subprocess
 from collections.abc import Callable
@@ -30,7 +31,8 @@ class LocalBackend(Backend[ProcessHandle]):
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._forked: set[int] = set()  # runs the warm template started
         self._reaped: dict[int, int] = {}  # forked runs the template reaped: their status
-        self._watched: dict[int, tuple[asyncio.AbstractEventLoop, int]] = {}  # pid -> pidfd
+        #: pid -> (loop, pidfd, the handle it was opened for)
+        self._watched: dict[int, tuple[asyncio.AbstractEventLoop, int, ProcessHandle]] = {}
 
     def handle(self, data: Any) -> ProcessHandle | None:
         return ProcessHandle.from_json(data)
@@ -67,7 +69,17 @@ class LocalBackend(Backend[ProcessHandle]):
         except psutil.Error:
             return None
 
+    def _pidfd(self, handle: ProcessHandle) -> int | None:
+        """The pidfd watching ``handle``'s process, if one does (see :meth:`watch`)."""
+        watched = self._watched.get(handle.pid)
+        return watched[1] if watched is not None and watched[2] == handle else None
+
     def is_alive(self, handle: ProcessHandle) -> bool:
+        fd = self._pidfd(handle)
+        if fd is not None:
+            # Readable once the process has ended: one poll instead of reading
+            # /proc twice, for every running job on every pass of the monitor.
+            return not select.select([fd], [], [], 0)[0]
         child = self._children.get(handle.pid)
         if child is not None:
             if child.returncode is not None:
@@ -101,16 +113,24 @@ class LocalBackend(Backend[ProcessHandle]):
         return child.returncode
 
     def notify_pause(self, handle: ProcessHandle) -> None:
-        if self._process(handle) is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(handle.pid, PAUSE_SIGNAL)
+        self._signal(handle, PAUSE_SIGNAL)
 
     def terminate(self, handle: ProcessHandle) -> None:
         # Only the main process: it saves a checkpoint on SIGTERM and needs
         # nothing from its workers for that. kill() takes the rest.
-        if self._process(handle) is not None:
+        self._signal(handle, signal.SIGTERM)
+
+    def _signal(self, handle: ProcessHandle, signum: int) -> None:
+        """Send ``signum`` to the run's main process, if it is still that process."""
+        fd = self._pidfd(handle)
+        if fd is not None:
+            # Exact by construction: a pidfd names one process, never a later
+            # one that was given its pid.
             with contextlib.suppress(ProcessLookupError):
-                os.kill(handle.pid, signal.SIGTERM)
+                signal.pidfd_send_signal(fd, signum)
+        elif self._process(handle) is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(handle.pid, signum)
 
     def _tree(self, handle: ProcessHandle) -> list[psutil.Process]:
         """The job's process group and every descendant (some may have left the group)."""
@@ -185,13 +205,13 @@ class LocalBackend(Backend[ProcessHandle]):
             self._unwatch(handle.pid)
             on_exit()
 
-        self._watched[handle.pid] = (loop, fd)
+        self._watched[handle.pid] = (loop, fd, handle)
         loop.add_reader(fd, ended)
 
     def _unwatch(self, pid: int) -> None:
         watched = self._watched.pop(pid, None)
         if watched is not None:
-            loop, fd = watched
+            loop, fd, _ = watched
             with contextlib.suppress(Exception):  # the loop may be closed already
                 loop.remove_reader(fd)
             os.close(fd)
