@@ -19,6 +19,12 @@ measured twice:
   and stops only after the last client is done, so it covers the whole load
   window; only its samples sent inside that window count.
 
+Each load window also reports, from the kernel's scheduler statistics of
+the server's main thread (``/proc/<pid>/task/<pid>/schedstat``, Linux), how
+long it ran and how long it waited, runnable, for a CPU: slow answers that
+come with a long wait are the host's CPU contention, not the event loop's
+own work.
+
 The verdict comes from the probe, which is the server's latency: goal p99 <=
 100 ms under load with 2 jobs training, judged on the median of the rounds.
 """
@@ -111,7 +117,7 @@ def run(clients: int, rounds: int, job_nice: int | None) -> None:
         for round_no in range(rounds):
             for label in PHASES:
                 rows.append(
-                    one_phase(client, base, server.token, clients, label, round_no, jobfuncs)
+                    one_phase(client, base, server.token, clients, label, jobfuncs, server.proc.pid)
                 )
                 rows[-1]["round"] = round_no
     finally:
@@ -123,7 +129,16 @@ def run(clients: int, rounds: int, job_nice: int | None) -> None:
 PHASES = ("idle server", "2 jobs training")
 
 
-def one_phase(client, base, token, clients, label, round_no, jobfuncs) -> dict:
+def schedstat(pid: int) -> tuple[int, int] | None:
+    """Nanoseconds the server's main thread has run, and waited runnable for a CPU."""
+    try:
+        ran, waited, _ = Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()
+    except (OSError, ValueError):
+        return None  # not Linux, or no scheduler statistics in this kernel
+    return int(ran), int(waited)
+
+
+def one_phase(client, base, token, clients, label, jobfuncs, server_pid) -> dict:
     """One load window: the probe's samples and the clients' own, for one phase."""
     from loadclients import run_clients
     from servers import wait_until
@@ -156,10 +171,12 @@ def one_phase(client, base, token, clients, label, round_no, jobfuncs) -> dict:
     )
     assert probe_proc.stdout.readline().strip() == "ready"
     window_start = time.time()
+    sched_start = schedstat(server_pid)
     rec, _ = asyncio.run(
         run_clients(base, token, clients, 180, jobfuncs.pausable_sleep, (1.0,), 0.008)
     )
     window_end = time.time()
+    sched_end = schedstat(server_pid)
     out, _ = probe_proc.communicate(input="")
     probed = json.loads(out)
     assert not probed["torch_imported"], "the probe process imported torch"
@@ -193,6 +210,12 @@ def one_phase(client, base, token, clients, label, round_no, jobfuncs) -> dict:
         "start": window_start,
         "torch": probed["torch_imported"],
         "codes": rec.codes,
+        # Whether a slow answer waited for the server's event loop or for a CPU.
+        "sched": (
+            None
+            if sched_start is None or sched_end is None
+            else [(b - a) / 1e6 for a, b in zip(sched_start, sched_end, strict=True)]
+        ),
     }
 
 
@@ -225,6 +248,14 @@ def report(rows: list[dict], clients: int, rounds: int, warm_after: float, job_n
             f"{ms:.0f} ms at +{sent - row['start']:.1f} s" for sent, ms, _ in row["slowest"]
         )
         print(f"    probe's slowest answers (sent, s into the load window): {slowest}")
+        if row["sched"]:
+            ran, waited = row["sched"]
+            share = 1000 * row["window"]
+            print(
+                f"    server's main thread in the window: on a CPU {ran:.0f} ms"
+                f" ({ran / share:.0%}), runnable but waiting for one {waited:.0f} ms"
+                f" ({waited / share:.0%})"
+            )
     # The goal is the server's latency: the probe's. The clients' own figure
     # also holds the delays of their shared, busy event loop. Judged on the
     # median of the rounds' p99 (one round has about 100-300 probe samples,
