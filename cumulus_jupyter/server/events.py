@@ -29,6 +29,13 @@ from ..fileio import atomic_write_bytes
 #: The event log's directory in the job root (not a job id, so not a job).
 EVENTS_DIR = ".events"
 EVENTS_FILE = "events.jsonl"
+#: The kind of an event that is a job's change of state (``old`` -> ``new``).
+STATE_CHANGE = "state"
+
+
+def _line(event: dict[str, Any]) -> bytes:
+    """One event as the log's file holds it: one JSON line."""
+    return (json.dumps(event, separators=(",", ":"), default=str) + "\n").encode()
 
 
 class EventLog:
@@ -119,7 +126,7 @@ class EventLog:
         # order, and in the page cache before the next event (a SIGKILLed
         # server loses none). Not fsynced: the job records, which are, say
         # where each job ended up after a power loss.
-        line = (json.dumps(event, separators=(",", ":"), default=str) + "\n").encode()
+        line = _line(event)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -145,10 +152,7 @@ class EventLog:
 
     def _compact(self) -> None:
         """Rewrite the file with the kept events only (atomically: a crash keeps either)."""
-        data = b"".join(
-            (json.dumps(e, separators=(",", ":"), default=str) + "\n").encode()
-            for e in self._events
-        )
+        data = b"".join(_line(e) for e in self._events)
         try:
             atomic_write_bytes(self.path, data, durable=False)
         except OSError as e:

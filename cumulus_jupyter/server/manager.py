@@ -28,7 +28,7 @@ from ..jobdir import JobDir, job_environment
 from ..manifest import CheckpointIndex
 from ..states import RESUMABLE, RUNNING_STATES, Action, JobState, can_transition, end_state, refusal
 from .backends import Backend, LocalBackend, RunHandle
-from .events import EventLog
+from .events import STATE_CHANGE, EventLog
 from .gpu import ShareLedger
 from .monitor import Escalation, Monitor, end_message
 from .record import JobRecord
@@ -170,7 +170,7 @@ class JobManager:
         )
         self.jobs[job_id] = job
         self._checkpoint_seen[job_id] = None  # a new job: its first checkpoint is news
-        self.event(job, "state", old=None, new=job.state.value, message=job.message)
+        self.event(job, STATE_CHANGE, old=None, new=job.state.value, message=job.message)
         self.admit()
         return self.public(job_id)
 
@@ -353,7 +353,7 @@ class JobManager:
         job.message = message
         self.save(job)
         if old is not new:
-            self.event(job, "state", old=old.value, new=new.value, message=message)
+            self.event(job, STATE_CHANGE, old=old.value, new=new.value, message=message)
 
     def event(self, job: JobRecord, kind: str, **fields: Any) -> None:
         """Add one event about ``job`` to the event log (see :mod:`.events`)."""

@@ -23,6 +23,8 @@ from typing import Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
+from .events import STATE_CHANGE
+
 #: States that notify unless configured otherwise.
 DEFAULT_STATES = ("completed", "failed", "timed_out", "lost")
 FORMATS = ("json", "slack")
@@ -83,7 +85,7 @@ class Webhooks:
 
     def __call__(self, event: dict[str, Any]) -> None:
         """An event listener (:meth:`EventLog.subscribe`): queue it if it is one to send."""
-        if event.get("kind") != "state" or event.get("new") not in self.states:
+        if event.get("kind") != STATE_CHANGE or event.get("new") not in self.states:
             return
         if not event.get("notify", True):
             return  # the job was submitted with notify=False
