@@ -160,16 +160,21 @@ def run_ranks(
     stopping = False  # the agent is stopping the ranks: their deaths are its doing
     killed_first: _Rank | None = None  # a rank a signal from outside ended
     while any(r.status is None for r in ranks):
+        ended = []
         for r in ranks:
             if r.status is not None:
                 continue
             done, status = os.waitpid(r.pid, os.WNOHANG)
-            if not done:
-                continue
-            r.status = os.waitstatus_to_exitcode(status)
-            if r.status < 0 and not stopping and not interrupted and killed_first is None:
-                killed_first = r
-            if r.status != 0 and not stopping and not interrupted:
+            if done:
+                r.status = os.waitstatus_to_exitcode(status)
+                ended.append(r)
+        # Judged once every rank that ended by now is seen: a rank killed from
+        # outside is the cause even when a rank it left hanging in a
+        # collective failed, and exited, within the same look.
+        if ended and not stopping and not interrupted:
+            if killed_first is None:
+                killed_first = next((r for r in ended if (r.status or 0) < 0), None)
+            if any(r.status != 0 for r in ended):
                 # One rank failed: the job has failed; the others must not wait
                 # for it in a collective until their timeout.
                 stopping = True
