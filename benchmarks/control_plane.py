@@ -1,6 +1,7 @@
 """Control-plane latency: status requests while 50 clients drive job lifecycles.
 
     python benchmarks/control_plane.py [--clients 50] [--rounds 5] [--job-nice N]
+                                       [--new-connections]
 
 Starts a headless job server and waits for its warm template, then, in each
 of ``--rounds`` rounds, runs the load twice, side by side: with no other
@@ -25,6 +26,13 @@ long it ran and how long it waited, runnable, for a CPU: slow answers that
 come with a long wait are the host's CPU contention, not the event loop's
 own work.
 
+Every client keeps its connection to the server alive between requests, as
+browsers and the SDK do (``--new-connections``: a new one for every
+request, as the SDK did before; the server then also accepts, sets up and
+closes a connection per request). The load clients are plain HTTP/1.1 on
+asyncio streams (``tests/loadclients.py``): they share the CPU with the
+server, and a general client library cost several times as much per request.
+
 The verdict comes from the probe, which is the server's latency: goal p99 <=
 100 ms under load with 2 jobs training, judged on the median of the rounds.
 """
@@ -44,27 +52,29 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 
 
-def probe(url: str, token: str) -> None:
+def probe(url: str, token: str, keep_alive: bool) -> None:
     """Run in its own process: ``GET url`` every 20 ms until stdin closes.
 
     Prints ``ready`` after the first answer, then, at the end, one JSON object:
     ``samples`` as ``[wall-clock time sent, latency ms, HTTP code]`` and
     whether torch was imported in this process.
     """
+    import http.client
     import select
-    import urllib.error
-    import urllib.request
+    from urllib.parse import urlsplit
 
-    request = urllib.request.Request(url, headers={"Authorization": f"token {token}"})
+    parts = urlsplit(url)
+    headers = {"Authorization": f"token {token}"}
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     samples = []
     while True:
         sent, t = time.time(), time.perf_counter()
-        try:
-            with urllib.request.urlopen(request, timeout=60) as resp:
-                resp.read()
-                code = resp.status
-        except urllib.error.HTTPError as e:
-            code = e.code
+        conn.request("GET", parts.path, headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+        code = resp.status
+        if not keep_alive:
+            conn.close()  # the next request connects anew
         samples.append((sent, (time.perf_counter() - t) * 1000, code))
         if len(samples) == 1:
             print("ready", flush=True)
@@ -86,15 +96,20 @@ def main() -> None:
     parser.add_argument(
         "--job-nice", type=int, default=None, help="CumulusApp.job_nice (default: its default)"
     )
+    parser.add_argument(
+        "--new-connections",
+        action="store_true",
+        help="every request on a new connection (the SDK before it kept one alive)",
+    )
     parser.add_argument("--probe", nargs=2, metavar=("URL", "TOKEN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
-        probe(*args.probe)
+        probe(*args.probe, keep_alive=not args.new_connections)
         return
-    run(args.clients, args.rounds, args.job_nice)
+    run(args.clients, args.rounds, args.job_nice, keep_alive=not args.new_connections)
 
 
-def run(clients: int, rounds: int, job_nice: int | None) -> None:
+def run(clients: int, rounds: int, job_nice: int | None, keep_alive: bool) -> None:
     # Imported here, not at the top: the probe process runs this file too and
     # must not import torch (jobfuncs does, through the runtime).
     sys.path.insert(0, str(TESTS))  # the server launcher and load clients the tests use
@@ -117,13 +132,22 @@ def run(clients: int, rounds: int, job_nice: int | None) -> None:
         for round_no in range(rounds):
             for label in PHASES:
                 rows.append(
-                    one_phase(client, base, server.token, clients, label, jobfuncs, server.proc.pid)
+                    one_phase(
+                        client,
+                        base,
+                        server.token,
+                        clients,
+                        label,
+                        jobfuncs,
+                        server.proc.pid,
+                        keep_alive,
+                    )
                 )
                 rows[-1]["round"] = round_no
     finally:
         server.stop()
         _kill_leftover_jobs(server.job_root)
-    report(rows, clients, rounds, warm_after, job_nice)
+    report(rows, clients, rounds, warm_after, job_nice, keep_alive)
 
 
 PHASES = ("idle server", "2 jobs training")
@@ -138,7 +162,7 @@ def schedstat(pid: int) -> tuple[int, int] | None:
     return int(ran), int(waited)
 
 
-def one_phase(client, base, token, clients, label, jobfuncs, server_pid) -> dict:
+def one_phase(client, base, token, clients, label, jobfuncs, server_pid, keep_alive) -> dict:
     """One load window: the probe's samples and the clients' own, for one phase."""
     from loadclients import run_clients
     from servers import wait_until
@@ -159,7 +183,8 @@ def one_phase(client, base, token, clients, label, jobfuncs, server_pid) -> dict
     target = client.run_async(jobfuncs.pausable_sleep, (3600,), gpu_memory=0.02)
     wait_until(lambda t=target: t.status() == "running", timeout=120)
     probe_proc = subprocess.Popen(
-        [sys.executable, __file__, "--probe", f"{base}jobs/{target.id}", token],
+        [sys.executable, __file__, "--probe", f"{base}jobs/{target.id}", token]
+        + ([] if keep_alive else ["--new-connections"]),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -173,7 +198,7 @@ def one_phase(client, base, token, clients, label, jobfuncs, server_pid) -> dict
     window_start = time.time()
     sched_start = schedstat(server_pid)
     rec, _ = asyncio.run(
-        run_clients(base, token, clients, 180, jobfuncs.pausable_sleep, (1.0,), 0.008)
+        run_clients(base, token, clients, 180, jobfuncs.pausable_sleep, (1.0,), 0.008, keep_alive)
     )
     window_end = time.time()
     sched_end = schedstat(server_pid)
@@ -219,11 +244,14 @@ def one_phase(client, base, token, clients, label, jobfuncs, server_pid) -> dict
     }
 
 
-def report(rows: list[dict], clients: int, rounds: int, warm_after: float, job_nice) -> None:
+def report(
+    rows: list[dict], clients: int, rounds: int, warm_after: float, job_nice, keep_alive: bool
+) -> None:
     nice = "the default" if job_nice is None else job_nice
+    connections = "kept alive" if keep_alive else "a new one for every request"
     print(
         f"{clients} concurrent clients, {rounds} rounds; status request ="
-        f" GET /cumulus/api/jobs/{{id}}; job_nice {nice}"
+        f" GET /cumulus/api/jobs/{{id}}; job_nice {nice}; connections: {connections}"
     )
     print(f"  the warm template was ready {warm_after:.1f} s after the server answered")
     print(

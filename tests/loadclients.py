@@ -10,8 +10,7 @@ import random
 import sys
 import time
 from typing import Any
-
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+from urllib.parse import urlsplit
 
 from cumulus_jupyter.kernel.payload import pickle_call
 from cumulus_jupyter.spec import python_version
@@ -30,19 +29,74 @@ class Recorder:
         self.implied: dict[str, str] = {}
 
 
+class StreamClient:
+    """HTTP/1.1 over asyncio streams, each connection kept for the next request.
+
+    Browsers and the SDK keep their connection to the server alive and send
+    back its login cookie, so the load does too (``keep_alive=False``: a new
+    connection for every request, as the SDK did before). Written on the
+    streams, not on a client library: the load shares this machine's CPU
+    with the server it measures, and tornado's client spent about 1 ms of
+    CPU per request where this one spends about 0.1 ms (0.3 ms connecting
+    anew each time).
+    """
+
+    def __init__(self, base: str, keep_alive: bool = True) -> None:
+        parts = urlsplit(base)
+        self.host, self.port = parts.hostname, parts.port
+        self.keep_alive = keep_alive
+        #: The server's login cookie, sent back as a browser (and the SDK) does.
+        self.cookies: dict[str, str] = {}
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def request(self, method: str, url: str, body: bytes, headers: dict) -> tuple[int, bytes]:
+        reader, writer = (
+            self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
+        )
+        head = [f"{method} {urlsplit(url).path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
+        head += [f"{k}: {v}" for k, v in headers.items()]
+        if self.cookies:
+            head.append("Cookie: " + "; ".join(f"{k}={v}" for k, v in self.cookies.items()))
+        head.append(f"Content-Length: {len(body)}")
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        status = await reader.readline()
+        code, length, close = int(status.split()[1]), 0, False
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"set-cookie":
+                pair = value.decode().strip().split(";", 1)[0]
+                self.cookies[pair.split("=", 1)[0]] = pair.split("=", 1)[1]
+            elif name == b"connection":
+                close = value.strip().lower() == b"close"
+            elif name == b"transfer-encoding":
+                raise AssertionError("the server's answers carry a Content-Length")
+        data = await reader.readexactly(length)
+        if close or not self.keep_alive:
+            writer.close()
+        else:
+            self.idle.append((reader, writer))
+        return code, data
+
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
 async def call(http, base, token, rec, method, path, body=None):
     t = time.perf_counter()
-    try:
-        resp = await http.fetch(
+    code, data = await asyncio.wait_for(
+        http.request(
+            method,
             base + path,
-            method=method,
-            body=None if body is None else json.dumps(body),
-            headers={"Authorization": f"token {token}"},
-            request_timeout=120,
-        )
-        code, data = resp.code, resp.body
-    except HTTPClientError as e:
-        code, data = e.code, e.response.body if e.response else b""
+            b"" if body is None else json.dumps(body).encode(),
+            {"Authorization": f"token {token}"},
+        ),
+        120,
+    )
     elapsed = time.perf_counter() - t
     rec.codes[code] = rec.codes.get(code, 0) + 1
     if method == "GET" and path.count("/") == 1:  # GET jobs/{id}: a status request
@@ -82,10 +136,16 @@ async def lifecycle(http, base, token, rec, payload, rng, deadline, share=0.02):
 
 
 async def run_clients(
-    base: str, token: str, n: int, seconds: float, func: Any, args: tuple, share: float = 0.02
+    base: str,
+    token: str,
+    n: int,
+    seconds: float,
+    func: Any,
+    args: tuple,
+    share: float = 0.02,
+    keep_alive: bool = True,
 ):
-    AsyncHTTPClient.configure(None, max_clients=n + 8)
-    http = AsyncHTTPClient()
+    http = StreamClient(base, keep_alive)
     rec = Recorder()
     payload = {
         "payload": base64.b64encode(pickle_call(func, args, {})).decode(),
@@ -206,8 +266,7 @@ async def random_lifecycle(http, base, token, rec, python, rng, deadline, releas
 
 async def run_random_clients(base: str, token: str, n: int, seconds: float, release_dir: str):
     """``n`` clients, each walking one job at random; returns the recorder and final states."""
-    AsyncHTTPClient.configure(None, max_clients=n + 8)
-    http = AsyncHTTPClient()
+    http = StreamClient(base)
     rec = Recorder()
     python = {"python": sys.executable, "python_version": python_version()}
     deadline = time.monotonic() + seconds

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.client
 import json
 import os
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -34,6 +33,7 @@ from ..errors import (
 from ..spec import python_version
 from .display import format_age, job_summary
 from .payload import ship_call
+from .transport import Transport
 
 _LONG_POLL = 30.0
 
@@ -70,6 +70,7 @@ class CumulusClient:
         #: The Job of the last run() or run_async() call, to get back to it.
         self.last_job: Job | None = None
         self._api = urllib.parse.urljoin(self.url, "cumulus/api/")
+        self._transport = Transport(self.url)
 
     def __repr__(self) -> str:
         return f"CumulusClient({self.url!r})"
@@ -88,21 +89,30 @@ class CumulusClient:
         if params:
             url += "?" + urllib.parse.urlencode(params)
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(url, data=data, method=method)
+        headers = {}
         if self.token:
-            req.add_header("Authorization", f"token {self.token}")
+            headers["Authorization"] = f"token {self.token}"
         if data is not None:
-            req.add_header("Content-Type", "application/json")
+            headers["Content-Type"] = "application/json"
         try:
-            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
-                return resp.status, dict(resp.headers), resp.read()
-        except urllib.error.HTTPError as e:
-            raise error_from_response(e.code, e.read()) from None
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
+            status, reply_headers, raw = self._transport.request(
+                method, url, data, headers, timeout or self.timeout
+            )
+        except (OSError, http.client.HTTPException) as e:
             raise ServerUnavailableError(
-                f"cannot reach the cumulus server at {self.url}: {reason}"
+                f"cannot reach the cumulus server at {self.url}: {e}"
             ) from None
+        if status >= 400:
+            raise error_from_response(status, raw)
+        return status, reply_headers, raw
+
+    def close(self) -> None:
+        """Close this thread's kept-alive connection to the server.
+
+        Never needed: the next request opens a new one, and a client that is
+        garbage-collected closes its connections.
+        """
+        self._transport.close()
 
     def _json(self, method: str, path: str, body: Any = None, **kw: Any) -> Any:
         _, _, raw = self._request(method, path, body, **kw)
