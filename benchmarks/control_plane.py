@@ -84,6 +84,29 @@ def probe(url: str, token: str, keep_alive: bool) -> None:
     print(json.dumps({"torch_imported": "torch" in sys.modules, "samples": samples}))
 
 
+def load_job(seconds: float) -> dict:
+    """The load clients' job: sleeps in small steps, honouring pauses.
+
+    Defined here, in the script that runs as ``__main__``, so it is shipped
+    by value, as a function written in a notebook is. A function of an
+    importable module is shipped by reference instead, and every run
+    imports that module first: ``tests/jobfuncs.py`` is 900 lines, and with
+    no bytecode cache (``PYTHONDONTWRITEBYTECODE``, set on the development
+    machine) importing it costs each run about 46 ms of CPU, more than the
+    rest of a forked run's start.
+    """
+    import time
+
+    from cumulus_jupyter.runtime import should_pause
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if should_pause():
+            return {"status": "paused"}
+        time.sleep(0.02)
+    return {"status": "completed"}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -198,7 +221,7 @@ def one_phase(client, base, token, clients, label, jobfuncs, server_pid, keep_al
     window_start = time.time()
     sched_start = schedstat(server_pid)
     rec, _ = asyncio.run(
-        run_clients(base, token, clients, 180, jobfuncs.pausable_sleep, (1.0,), 0.008, keep_alive)
+        run_clients(base, token, clients, 180, load_job, (1.0,), 0.008, keep_alive)
     )
     window_end = time.time()
     sched_end = schedstat(server_pid)
