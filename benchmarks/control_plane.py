@@ -26,12 +26,14 @@ long it ran and how long it waited, runnable, for a CPU: slow answers that
 come with a long wait are the host's CPU contention, not the event loop's
 own work.
 
-Every client keeps its connection to the server alive between requests, as
-browsers and the SDK do (``--new-connections``: a new one for every
-request, as the SDK did before; the server then also accepts, sets up and
-closes a connection per request). The load clients are plain HTTP/1.1 on
-asyncio streams (``tests/loadclients.py``): they share the CPU with the
-server, and a general client library cost several times as much per request.
+Every client keeps its connection to the server alive between requests and
+sends back the server's login cookie, as browsers and the SDK do
+(``--new-connections``: a new connection for every request and no cookie,
+as the SDK did before; the server then also accepts, sets up and closes a
+connection, and creates and signs a new anonymous user, per request). The
+load clients are plain HTTP/1.1 on asyncio streams (``tests/loadclients.py``):
+they share the CPU with the server, and tornado's client cost about ten
+times as much CPU per request.
 
 The verdict comes from the probe, which is the server's latency: goal p99 <=
 100 ms under load with 2 jobs training, judged on the median of the rounds.
@@ -122,7 +124,7 @@ def main() -> None:
     parser.add_argument(
         "--new-connections",
         action="store_true",
-        help="every request on a new connection (the SDK before it kept one alive)",
+        help="every request on a new connection, no cookie (the SDK before it kept both)",
     )
     parser.add_argument("--probe", nargs=2, metavar=("URL", "TOKEN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
