@@ -11,6 +11,7 @@ import pytest
 from servers import ServerProcess, free_port
 
 from cumulus_jupyter import CumulusClient
+from cumulus_jupyter.errors import BadRequestError, CumulusError, JobNotFoundError
 from cumulus_jupyter.kernel.client import ServerUnavailableError
 
 
@@ -118,3 +119,15 @@ def test_the_server_knows_one_client_as_one_user(server):
     assert [me() for _ in range(3)] == [first] * 3
     client.jobs()
     assert me() == first
+
+
+def test_a_redirect_or_a_url_that_is_not_http_is_a_clear_error(server):
+    client = server.client()
+    # Jupyter Server redirects a path with a trailing slash (as a hub does a
+    # request it does not know to its login page); the API itself never does.
+    with pytest.raises(CumulusError, match=r"redirect to .*check the URL"):
+        client._json("GET", "")  # cumulus/api/
+    with pytest.raises(JobNotFoundError, match="empty id"):
+        client.get_job("")
+    with pytest.raises(BadRequestError, match="not an http"):
+        CumulusClient(f"127.0.0.1:{server.port}", token=server.token)

@@ -27,6 +27,7 @@ from ..errors import (
     BadRequestError,
     CumulusError,
     JobFailedError,
+    JobNotFoundError,
     JobStoppedError,
     error_from_response,
 )
@@ -70,6 +71,11 @@ class CumulusClient:
         #: The Job of the last run() or run_async() call, to get back to it.
         self.last_job: Job | None = None
         self._api = urllib.parse.urljoin(self.url, "cumulus/api/")
+        if urllib.parse.urlsplit(self.url).scheme not in ("http", "https"):
+            raise BadRequestError(
+                f"the server URL {url!r} is not an http(s) URL: pass it whole, with its"
+                " base_url, e.g. CumulusClient('http://127.0.0.1:8888', token=...)"
+            )
         self._transport = Transport(self.url)
 
     def __repr__(self) -> str:
@@ -104,6 +110,15 @@ class CumulusClient:
             ) from None
         if status >= 400:
             raise error_from_response(status, raw)
+        if 300 <= status < 400:
+            # The API never redirects; a proxy or hub in front of it does, to a
+            # login page, when the URL misses the base_url or the token is not
+            # one it knows.
+            raise CumulusError(
+                f"the server at {self.url} answered {method} {url} with a redirect to"
+                f" {reply_headers.get('Location', '?')}: check the URL (with its base_url)"
+                " and the token"
+            )
         return status, reply_headers, raw
 
     def close(self) -> None:
@@ -233,6 +248,8 @@ class CumulusClient:
         return Job(self, self._job_record(job_id))
 
     def _job_record(self, job_id: str) -> dict[str, Any]:
+        if not job_id:
+            raise JobNotFoundError("no job with an empty id; list jobs with client.jobs()")
         return self._json("GET", f"jobs/{_quote(job_id)}")
 
     def pause_job(self, job_id: str) -> dict[str, Any]:
