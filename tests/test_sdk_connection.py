@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
+import warnings
 
 import psutil
 import pytest
@@ -131,3 +133,20 @@ def test_a_redirect_or_a_url_that_is_not_http_is_a_clear_error(server):
         client.get_job("")
     with pytest.raises(BadRequestError, match="not an http"):
         CumulusClient(f"127.0.0.1:{server.port}", token=server.token)
+
+
+def test_connections_close_with_their_thread_and_client(server):
+    client = server.client()
+    before = connections_to(server.port)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        worker = threading.Thread(target=client.jobs)
+        worker.start()
+        worker.join()
+        client.jobs()
+        del worker, client
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [
+        str(w.message) for w in caught
+    ]
+    assert [p for p in connections_to(server.port) if p not in before] == []

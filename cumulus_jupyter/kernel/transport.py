@@ -109,7 +109,7 @@ class Transport:
             self.close()
             conn = None
         if conn is None:
-            kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            kind = _HTTPSConnection if self._https else _HTTPConnection
             conn = kind(self._host, self._port, timeout=timeout)
             self._local.conn, self._local.pid = conn, os.getpid()
             return conn, False
@@ -124,6 +124,18 @@ class Transport:
         self._local.conn = None
         if conn is not None:
             conn.close()
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    # A thread's connection goes when the thread or the client does: closed,
+    # not left to the socket's finalizer (which warns of an unclosed socket).
+    def __del__(self) -> None:
+        self.close()
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    def __del__(self) -> None:
+        self.close()
 
 
 def _dropped(conn: http.client.HTTPConnection) -> bool:
