@@ -71,7 +71,8 @@ class Transport:
         cannot be reached or the connection breaks.
         """
         if self._proxy:
-            return _through_proxy(self._proxy, self._jar, method, url, body, headers, timeout)
+            req = urllib.request.Request(url, data=body, method=method, headers=dict(headers))
+            return self._through_proxy(req, timeout)
         path = urllib.parse.urlsplit(url)
         target = path.path + (f"?{path.query}" if path.query else "")
         # The jar reads and writes cookies through urllib's request type.
@@ -80,9 +81,7 @@ class Transport:
         headers = {**headers, **dict(cookies.header_items())}
         conn, reused = self._connection(timeout)
         try:
-            conn.request(method, target, body=body, headers=headers)
-            resp = conn.getresponse()
-            raw = resp.read()
+            resp, raw = _exchange(conn, method, target, body, headers)
         except (OSError, http.client.HTTPException):
             self.close()
             # A kept connection the server closed meanwhile (restarted, or
@@ -92,13 +91,28 @@ class Transport:
             if not reused or method not in ("GET", "HEAD"):
                 raise
             conn, _ = self._connection(timeout)
-            conn.request(method, target, body=body, headers=headers)
-            resp = conn.getresponse()
-            raw = resp.read()
+            resp, raw = _exchange(conn, method, target, body, headers)
         self._jar.extract_cookies(resp, cookies)  # type: ignore[arg-type]
         if resp.will_close:
             self.close()
         return resp.status, dict(resp.headers), raw
+
+    def _through_proxy(
+        self, req: urllib.request.Request, timeout: float
+    ) -> tuple[int, dict[str, str], bytes]:
+        # An opener of its own: urlopen's shared one keeps the proxies of the
+        # environment as it was when the process first used it.
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler(self._proxy), urllib.request.HTTPCookieProcessor(self._jar)
+        )
+        try:
+            with opener.open(req, timeout=timeout) as resp:
+                return resp.status, dict(resp.headers), resp.read()
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers or {}), e.read()
+        except urllib.error.URLError as e:
+            reason = e.reason
+            raise reason if isinstance(reason, OSError) else OSError(str(reason)) from None
 
     def _connection(self, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
         """This thread's connection (opened if it has none), and whether it was kept."""
@@ -126,6 +140,18 @@ class Transport:
             conn.close()
 
 
+def _exchange(
+    conn: http.client.HTTPConnection,
+    method: str,
+    target: str,
+    body: bytes | None,
+    headers: dict[str, str],
+) -> tuple[http.client.HTTPResponse, bytes]:
+    conn.request(method, target, body=body, headers=headers)
+    resp = conn.getresponse()
+    return resp, resp.read()
+
+
 class _HTTPConnection(http.client.HTTPConnection):
     # A thread's connection goes when the thread or the client does: closed,
     # not left to the socket's finalizer (which warns of an unclosed socket).
@@ -142,35 +168,12 @@ def _dropped(conn: http.client.HTTPConnection) -> bool:
     """Whether the server has closed (or written unasked to) an idle connection."""
     if conn.sock is None:
         return True
+    # poll, not select: a kernel may hold more than 1024 descriptors.
+    poller = select.poll()
+    poller.register(conn.sock, select.POLLIN)
     try:
-        readable, _, _ = select.select([conn.sock], [], [], 0)
-    except (OSError, ValueError):
+        # Between requests nothing is due: readable means EOF, a reset, or
+        # bytes that would be taken for the next answer.
+        return bool(poller.poll(0))
+    except OSError:
         return True
-    # Between requests nothing is due: readable means EOF, a reset, or bytes
-    # that would be taken for the next answer.
-    return bool(readable)
-
-
-def _through_proxy(
-    proxy: dict[str, str],
-    jar: http.cookiejar.CookieJar,
-    method: str,
-    url: str,
-    body: bytes | None,
-    headers: Mapping[str, str],
-    timeout: float,
-) -> tuple[int, dict[str, str], bytes]:
-    req = urllib.request.Request(url, data=body, method=method, headers=dict(headers))
-    # An opener of its own: urlopen's shared one keeps the proxies of the
-    # environment as it was when the process first used it.
-    opener = urllib.request.build_opener(
-        urllib.request.ProxyHandler(proxy), urllib.request.HTTPCookieProcessor(jar)
-    )
-    try:
-        with opener.open(req, timeout=timeout) as resp:
-            return resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers or {}), e.read()
-    except urllib.error.URLError as e:
-        reason = e.reason
-        raise reason if isinstance(reason, OSError) else OSError(str(reason)) from None
