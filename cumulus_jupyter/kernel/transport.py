@@ -2,16 +2,16 @@
 
 A status poll from a widget or ``Job.wait`` is a small request, so what a
 fresh connection adds matters: a TCP handshake for the caller, and for the
-server (measured with ``benchmarks/control_plane.py``) an accept, a new
-stream and a close on its event loop, about a quarter of what it spends on
-a ``GET jobs/{id}``. So each thread keeps its connection open between
-requests, as a browser does, and sends back the login cookie the server
-sets (without it, a token-authenticated request makes the server create and
-sign a new anonymous user every time: about an eighth of its work on a
-``GET jobs/{id}``, and a different name in its log for each request).
-Threads do not share one (a widget follows its
-job from a thread of its own while the notebook's code uses the client), and
-a forked child opens its own rather than write into its parent's.
+server an accept, a new stream and a close on its event loop. So each thread
+keeps its connection open between requests, as a browser does, and sends
+back the login cookie the server sets: without it, a token-authenticated
+request makes the server create and sign a new anonymous user every time
+(and each request has a different name in its log). Together they save the
+server about a seventh of its CPU per ``GET jobs/{id}``
+(``benchmarks/request_cost.py``). Threads do not share a connection (a
+widget follows its job from a thread of its own while the notebook's code
+uses the client), and a forked child opens its own rather than write into
+its parent's.
 
 Where the environment names a proxy for the server's host, requests go
 through ``urllib`` (a fresh connection each, through the proxy) as before.
