@@ -1,4 +1,4 @@
-"""Small, durable file primitives shared by the server and the job process.
+"""Small, durable file primitives shared by the server, the SDK and the job process.
 
 Every file in a job directory is written with :func:`atomic_write_bytes` so a
 crash or a kill never leaves a half-written ``state.json`` or manifest behind:
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,17 @@ from typing import Any
 #: Files and directories of a job are private to the user running the server.
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+
+
+def readable_now(fd: Any) -> bool:
+    """Whether a descriptor (or an object with ``fileno()``) can be read without waiting.
+
+    ``poll``, not ``select``: a server or a kernel may hold descriptors
+    numbered above 1024, which ``select`` refuses.
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

@@ -22,12 +22,14 @@ from __future__ import annotations
 import http.client
 import http.cookiejar
 import os
-import select
 import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
+
+from ..errors import BadRequestError
+from ..fileio import readable_now
 
 
 class Transport:
@@ -36,7 +38,10 @@ class Transport:
     def __init__(self, base: str) -> None:
         parts = urllib.parse.urlsplit(base)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {base!r}")
+            raise BadRequestError(
+                f"the server URL {base!r} is not an http(s) URL: pass it whole, with its"
+                " base_url, e.g. CumulusClient('http://127.0.0.1:8888', token=...)"
+            )
         self._https = parts.scheme == "https"
         self._host = parts.hostname
         self._port = parts.port
@@ -168,12 +173,9 @@ def _dropped(conn: http.client.HTTPConnection) -> bool:
     """Whether the server has closed (or written unasked to) an idle connection."""
     if conn.sock is None:
         return True
-    # poll, not select: a kernel may hold more than 1024 descriptors.
-    poller = select.poll()
-    poller.register(conn.sock, select.POLLIN)
     try:
         # Between requests nothing is due: readable means EOF, a reset, or
         # bytes that would be taken for the next answer.
-        return bool(poller.poll(0))
+        return readable_now(conn.sock)
     except OSError:
         return True

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import select
 import signal
 import subprocess
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from typing import Any
 
 import psutil
 
+from ...fileio import readable_now
 from ...jobdir import PAUSE_SIGNAL, start_worker
 from . import Backend, ProcessHandle
 from .warm import WarmTemplate
@@ -79,7 +79,7 @@ class LocalBackend(Backend[ProcessHandle]):
         if fd is not None:
             # Readable once the process has ended: one poll instead of reading
             # /proc twice, for every running job on every pass of the monitor.
-            return not select.select([fd], [], [], 0)[0]
+            return not readable_now(fd)
         child = self._children.get(handle.pid)
         if child is not None:
             if child.returncode is not None:
