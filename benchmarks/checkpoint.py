@@ -1,6 +1,6 @@
 """Checkpoint speed, measured side by side in one run against plain PyTorch.
 
-    python benchmarks/checkpoint.py [--mb 500] [--repeat 9] [--dir DIR]
+    python benchmarks/checkpoint.py [--mb 500] [--repeat 9] [--dir DIR] [--device cpu|cuda|auto]
     python benchmarks/checkpoint.py --nprocs N [--mb 500] [--repeat 9] [--dir DIR]
 
 A model of about ``--mb`` MB of float32 parameters is trained with Adam, so
@@ -33,6 +33,10 @@ on a GPU): the copies of CUDA tensors are queued on a side stream that the
 training's stream waits for, so ``save`` returns before they are done, and
 the next step waits for them instead. Both sides of that ratio start with
 the device idle.
+
+``--device cuda`` puts the model, its Adam state, its inputs and its
+training step on the GPU (``auto``: there when torch sees one), as a job on
+a GPU host has them; the default is the CPU.
 
 "Inside the persist window" counts only the training steps that ended while
 the background write was still running, over the time they took.
@@ -460,7 +464,24 @@ def main() -> None:
         default=None,
         help="N >= 2: sharded checkpoints of N gloo ranks instead (see the docstring)",
     )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda", "auto"],
+        default="cpu",
+        help="where the model, its optimizer state and its training run "
+        "(auto: cuda where torch sees a GPU; default cpu)",
+    )
     args = parser.parse_args()
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device cuda: torch {torch.__version__} sees no CUDA device")
+        if args.nprocs is not None:
+            parser.error("--nprocs measures gloo ranks on the CPU: leave out --device cuda")
+        # Every tensor build() and the training step make is then on the GPU.
+        torch.set_default_device("cuda")
     # Leave a core for the writer thread, as a GPU job leaves the CPU mostly idle.
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     if args.nprocs is not None:
@@ -477,6 +498,8 @@ def main() -> None:
     model, optimizer, x = build(args.mb)
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {params / 1e6:.0f}M parameters ({params * 4 / 2**20:.0f} MB) + Adam state")
+    where = torch.cuda.get_device_name() if device == "cuda" else "the CPU"
+    print(f"device: {device} ({where})")
     print(
         f"cores: {os.cpu_count()}; torch threads (torch.get_num_threads()): "
         f"{torch.get_num_threads()} for training; + 1 writer thread for the async save "

@@ -5,7 +5,10 @@
 #   2. benchmarks/checkpoint.py with its model, optimizer state and training
 #      step on the GPU;
 #   3. with GPU_CHECK_CONTROL_PLANE=1, benchmarks/control_plane.py (3 rounds,
-#      about 2 minutes on 16 cores): the status latency under load there.
+#      about 2 minutes on 16 cores): the status latency under load there;
+#   or, with GPU_CHECK_LATENCY=1, instead of 2 and 3: benchmarks/latency.py
+#      (GPU_CHECK_ROUNDS rounds, default 5), every row of the control-latency
+#      goals, its checkpoint row with the 500 MB model's state on the GPU.
 #
 #   benchmarks/gpu_check.sh
 #
@@ -83,14 +86,18 @@ if skipped or not tests:
     sys.exit(f"gpu_check: {skipped} of {tests} GPU tests were skipped: they did not run")
 EOF
 
-# checkpoint.py has no device option: with CUDA as the default device its
-# model, Adam state and inputs are on the GPU, so every save copies them off
-# it. 64 MB and 3 rounds keep it to well under a minute.
-run_by "$END" "$PY" -c 'import runpy, sys, torch
-torch.set_default_device("cuda")
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")' benchmarks/checkpoint.py \
-  --mb "${GPU_CHECK_MB:-64}" --repeat 3 || status=1
+if [ "${GPU_CHECK_LATENCY:-0}" = 1 ]; then
+  # Every row, each beside its baseline; it runs control_plane.py and
+  # checkpoint.py (500 MB, state on the GPU) itself. Verdicts are printed:
+  # its goals are not tests.
+  run_by "$END" "$PY" benchmarks/latency.py --rounds "${GPU_CHECK_ROUNDS:-5}" || status=1
+  GPU_CHECK_CONTROL_PLANE=0
+else
+  # The model, Adam state and inputs on the GPU, so every save copies them
+  # off it. 64 MB and 3 rounds keep it to well under a minute.
+  run_by "$END" "$PY" benchmarks/checkpoint.py --device cuda \
+    --mb "${GPU_CHECK_MB:-64}" --repeat 3 || status=1
+fi
 
 if [ "${GPU_CHECK_CONTROL_PLANE:-0}" = 1 ]; then
   # The test tools' server launcher and load clients (tests/) drive a real

@@ -29,8 +29,9 @@ Rows:
 
 ``GET jobs/{id}`` under load and the async save's blocked time have their
 own benchmarks (``control_plane.py``, ``checkpoint.py``, with the 500 MB
-model and 3 rounds); this one runs them last, after its own server stopped,
-and prints their verdicts with the rest (``--skip-others``: not).
+model and 3 rounds, its state on the GPU where there is one); this one runs
+them last, after its own server stopped, and prints their verdicts with the
+rest (``--skip-others``: not).
 """
 
 from __future__ import annotations
@@ -300,16 +301,20 @@ def other_rows() -> None:
     here = Path(__file__).resolve().parent
     for script, args, verdict in [
         ("control_plane.py", [], "median of the rounds' p99"),
-        ("checkpoint.py", ["--mb", "500", "--repeat", "3"], "async blocked /"),
+        # On a GPU host the state is on the GPU, as a training job's is there.
+        ("checkpoint.py", ["--mb", "500", "--repeat", "3", "--device", "auto"], "async blocked /"),
     ]:
         done = subprocess.run(
             [sys.executable, str(here / script), *args], capture_output=True, text=True
         )
-        found = [line.strip() for line in done.stdout.splitlines() if verdict in line]
+        lines = [line.strip() for line in done.stdout.splitlines()]
+        found = [line for line in lines if verdict in line]
         if done.returncode or not found:
             print(f"  {script} failed (exit status {done.returncode}):\n{done.stderr[-2000:]}")
             continue
-        print(f"  {script} {' '.join(args)}: {found[0]}")
+        device = [line.removeprefix("device: ") for line in lines if line.startswith("device: ")]
+        on = f" [{device[0]}]" if device else ""
+        print(f"  {script} {' '.join(args)}{on}: {found[0]}")
 
 
 def follow_delays(client) -> dict[str, float]:
