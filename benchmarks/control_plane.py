@@ -57,7 +57,10 @@ TESTS = Path(__file__).resolve().parent.parent / "tests"
 def probe(url: str, token: str, keep_alive: bool) -> None:
     """Run in its own process: ``GET url`` every 20 ms until stdin closes.
 
-    Prints ``ready`` after the first answer, then, at the end, one JSON object:
+    It keeps its connection and sends the server's login cookie back, as a
+    browser does (unless ``keep_alive`` is false: a new connection for every
+    request and no cookie). Prints ``ready`` after the first answer, then, at
+    the end, one JSON object:
     ``samples`` as ``[wall-clock time sent, latency ms, HTTP code]`` and
     whether torch was imported in this process.
     """
@@ -77,6 +80,9 @@ def probe(url: str, token: str, keep_alive: bool) -> None:
         code = resp.status
         if not keep_alive:
             conn.close()  # the next request connects anew
+        elif resp.getheader("Set-Cookie"):
+            # The login cookie goes back with every later request, as a browser's does.
+            headers["Cookie"] = resp.getheader("Set-Cookie", "").split(";", 1)[0]
         samples.append((sent, (time.perf_counter() - t) * 1000, code))
         if len(samples) == 1:
             print("ready", flush=True)
