@@ -138,6 +138,9 @@ def test_a_redirect_or_a_url_that_is_not_http_is_a_clear_error(server):
 def test_connections_close_with_their_thread_and_client(server):
     client = server.client()
     before = connections_to(server.port)
+    # Earlier tests' garbage (a Popen of a process still running, say) warns
+    # when it is collected: collected here, it is not counted below.
+    gc.collect()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         worker = threading.Thread(target=client.jobs)
@@ -146,7 +149,10 @@ def test_connections_close_with_their_thread_and_client(server):
         client.jobs()
         del worker, client
         gc.collect()
-    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [
-        str(w.message) for w in caught
+    unclosed = [
+        str(w.message)
+        for w in caught
+        if issubclass(w.category, ResourceWarning) and "socket" in str(w.message)
     ]
+    assert not unclosed, unclosed
     assert [p for p in connections_to(server.port) if p not in before] == []
