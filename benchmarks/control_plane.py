@@ -80,9 +80,9 @@ def probe(url: str, token: str, keep_alive: bool) -> None:
         code = resp.status
         if not keep_alive:
             conn.close()  # the next request connects anew
-        elif resp.getheader("Set-Cookie"):
+        elif cookie := resp.getheader("Set-Cookie"):
             # The login cookie goes back with every later request, as a browser's does.
-            headers["Cookie"] = resp.getheader("Set-Cookie", "").split(";", 1)[0]
+            headers["Cookie"] = cookie.split(";", 1)[0]
         samples.append((sent, (time.perf_counter() - t) * 1000, code))
         if len(samples) == 1:
             print("ready", flush=True)

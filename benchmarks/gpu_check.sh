@@ -91,18 +91,16 @@ if [ "${GPU_CHECK_LATENCY:-0}" = 1 ]; then
   # checkpoint.py (500 MB, state on the GPU) itself. Verdicts are printed:
   # its goals are not tests.
   run_by "$END" "$PY" benchmarks/latency.py --rounds "${GPU_CHECK_ROUNDS:-5}" || status=1
-  GPU_CHECK_CONTROL_PLANE=0
 else
   # The model, Adam state and inputs on the GPU, so every save copies them
   # off it. 64 MB and 3 rounds keep it to well under a minute.
   run_by "$END" "$PY" benchmarks/checkpoint.py --device cuda \
     --mb "${GPU_CHECK_MB:-64}" --repeat 3 || status=1
-fi
-
-if [ "${GPU_CHECK_CONTROL_PLANE:-0}" = 1 ]; then
-  # The test tools' server launcher and load clients (tests/) drive a real
-  # server; its verdict line is printed, its goal is not a test.
-  run_by "$END" "$PY" benchmarks/control_plane.py --rounds 3 || status=1
+  if [ "${GPU_CHECK_CONTROL_PLANE:-0}" = 1 ]; then
+    # The test tools' server launcher and load clients (tests/) drive a real
+    # server; its verdict line is printed, its goal is not a test.
+    run_by "$END" "$PY" benchmarks/control_plane.py --rounds 3 || status=1
+  fi
 fi
 
 if [ "$status" -eq 0 ]; then
