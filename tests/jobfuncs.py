@@ -120,6 +120,22 @@ def ignore_everything(pidfile):
         time.sleep(0.05)
 
 
+def ignore_everything_with_a_stray(pidfile):
+    """As ``ignore_everything``, with a child that left the job's process group."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    stray = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    with open(pidfile + ".tmp", "w") as f:
+        f.write(f"{os.getpid()} {stray.pid}")
+    os.replace(pidfile + ".tmp", pidfile)
+    while True:
+        time.sleep(0.05)
+
+
 def broken_by_sigterm(ready_file):
     """Ignores pause; SIGTERM leaves it broken, so it fails with another exception.
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
 import time
 
 import psutil
+import pytest
 from servers import wait_until
 
-from cumulus_jupyter.server.backends import ProcessHandle
-from cumulus_jupyter.server.backends.local import LocalBackend
+from cumulus_jupyter.server.backends import ProcessHandle, local
+from cumulus_jupyter.server.backends.local import LocalBackend, descendants
 
 #: Prints each signal it gets (SIGUSR1, SIGTERM), and exits when stdin closes.
 LISTENER = """
@@ -91,3 +93,38 @@ def test_signals_reach_a_watched_run_and_not_a_stranger():
         wait_until(lambda: not backend.is_alive(handle), timeout=10)
 
     asyncio.run(scenario())
+
+
+#: A shell with a child, a grandchild and a child in a session of its own.
+TREE = "sleep 600 & (sleep 600 & wait) & setsid sleep 600 & echo started; wait"
+
+
+@pytest.fixture
+def tree():
+    proc = subprocess.Popen(["sh", "-c", TREE], stdout=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"started"
+    root = psutil.Process(proc.pid)
+    wait_until(lambda: len(root.children(recursive=True)) == 4, timeout=10)
+    yield root
+    for p in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    proc.wait()
+
+
+def test_descendants_are_those_psutil_finds(tree):
+    """Found from the kernel's lists of children, not from every process on the host."""
+    expected = sorted(p.pid for p in tree.children(recursive=True))
+    assert sorted(p.pid for p in descendants(tree)) == expected
+
+
+def test_descendants_without_the_kernel_s_lists_of_children(tree, monkeypatch):
+    expected = sorted(p.pid for p in tree.children(recursive=True))
+
+    def no_children_lists(path, *args, **kwargs):
+        if str(path).endswith("/children"):
+            raise FileNotFoundError(path)
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(local, "open", no_children_lists, raising=False)
+    assert sorted(p.pid for p in descendants(tree)) == expected

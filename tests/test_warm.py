@@ -174,3 +174,53 @@ def test_a_forked_run_skips_the_template_s_collection_and_exit_work(warm_server,
     assert state["torch_finalizers_at_exit"] == 0, state
     assert state["finalizers_at_exit"] == 1, state  # the run's own
     wait_until((tmp_path / "finalized").exists, what="the run's own finalizer")
+
+
+def test_runs_cancelled_as_they_start_leave_no_process_or_zombie(warm_server, tmp_path):
+    """A job cancelled while its run is being forked: the run is killed and reaped.
+
+    The server kills such a run the moment it has its pid; a run with torch
+    imported takes a while to die, so the template, its parent, reaps it once
+    it has (it used to be left a zombie, its pid held, for the template's life).
+    """
+    client = warm_client(warm_server)
+    template = templates(warm_server)[0]
+    jobs = []
+    for _ in range(10):
+        job = client.run_async(jobfuncs.hold_until, args=[str(tmp_path / "never")], gpu_memory=0.01)
+        job.cancel()  # most arrive while the fork is under way
+        jobs.append(job)
+    for job in jobs:
+        wait_until(lambda j=job: j.status() == "cancelled", what="the job to be cancelled")
+
+    def leftovers() -> list[tuple[int, str]]:
+        found = []
+        for proc in template.children():
+            with contextlib.suppress(psutil.Error):
+                found.append((proc.pid, proc.status()))
+        return found
+
+    wait_until(
+        lambda: not leftovers(),
+        timeout=30,
+        what=lambda: f"no run left under the template: {leftovers()}",
+    )
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["forked", "cold"])
+def test_the_kill_reaches_a_child_that_left_the_job_s_process_group(tmp_path, warm):
+    """A run that ignores pause and SIGTERM is killed with all it started, even a child
+    in a session of its own (found before the kill: then it is an orphan)."""
+    # Pause, then SIGTERM, then SIGKILL, each after a short wait.
+    with serving(ServerProcess(tmp_path, warm_workers=warm, pause_timeout=3, kill_grace=2)) as srv:
+        client = warm_client(srv) if warm else srv.client()
+        pidfile = tmp_path / "pids"
+        job = client.run_async(jobfuncs.ignore_everything_with_a_stray, args=[str(pidfile)])
+        wait_until(pidfile.exists, what="the job and its stray child to start")
+        main, stray = (int(p) for p in pidfile.read_text().split())
+        assert (TEMPLATE in " ".join(psutil.Process(main).parent().cmdline())) is warm
+        assert os.getpgid(stray) != os.getpgid(main)
+        job.pause()
+        wait_until(lambda: job.status() == "paused", timeout=60, what="the kill")
+        assert job.info()["escalation"] == "sigkill"
+        wait_until(lambda: gone(psutil.Process(stray)), what="the stray child to be killed")

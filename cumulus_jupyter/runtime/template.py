@@ -14,7 +14,13 @@ the unix socket ``SOCKET``:
   left of its process group (a DataLoader worker, say; exact, since the
   group's id is reserved until the run is reaped), reaps it, and answers its
   exit status as ``subprocess.Popen.returncode`` gives it; ``null`` while it
-  runs. Runs are reaped only so: the server asks for each run that ends.
+  runs;
+- ``{"op": "kill", "pid": N}``: kills the run's whole process group now
+  (exact, for the same reason) and reaps the run as soon as it has ended,
+  keeping its status for ``reap``; answers ``{"killed": true}``, or ``false``
+  when ``N`` is not a run of this template.
+
+Runs are reaped only so: the server asks for each run that ends, or kills it.
 
 It never runs user code and never touches CUDA (a forked CUDA context is
 unusable), and it exits when the server that started it is gone. A forked run
@@ -77,7 +83,7 @@ def _become_run(job_dir: str, env: dict[str, str], defaults: dict[int, Any]) -> 
         exit_now(code)
 
 
-def _answer(conn: socket.socket, exits: dict[int, int], defaults: dict[int, Any]) -> None:
+def _answer(conn: socket.socket, runs: _Runs, defaults: dict[int, Any]) -> None:
     data = b""
     while not data.endswith(b"\n"):
         chunk = conn.recv(1 << 16)
@@ -105,28 +111,78 @@ def _answer(conn: socket.socket, exits: dict[int, int], defaults: dict[int, Any]
                 os._exit(1)  # never back into the template's loop
         reply: dict[str, Any] = {"pid": pid}
     elif op == "reap":
-        reply = {"status": _reap(int(request["pid"]), exits)}
+        reply = {"status": runs.reap(int(request["pid"]))}
+    elif op == "kill":
+        reply = {"killed": runs.kill(int(request["pid"]))}
     else:
         reply = {"error": f"unknown op {op!r}"}
     conn.sendall(json.dumps(reply).encode() + b"\n")
 
 
-def _reap(pid: int, exits: dict[int, int]) -> int | None:
-    """The exit status of run ``pid`` once it ended, its group killed and itself reaped."""
-    if pid in exits:
-        return exits[pid]
-    try:
-        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-            return None  # still running
-    except ChildProcessError:
-        return None  # not a run of this template
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
-    exits[pid] = os.waitstatus_to_exitcode(status)
-    if len(exits) > 10_000:  # asked twice at most: forget the oldest
-        exits.pop(next(iter(exits)))
-    return exits[pid]
+class _Runs:
+    """The runs this template forked that have ended, or are being killed."""
+
+    #: Statuses kept for a later ``reap``; each is asked for twice at most.
+    KEEP = 10_000
+
+    def __init__(self) -> None:
+        self.exits: dict[int, int] = {}
+        #: Runs killed on request: reaped here as soon as they have ended.
+        self.doomed: set[int] = set()
+
+    def reap(self, pid: int) -> int | None:
+        """The exit status of run ``pid`` once it ended, its group killed and itself reaped."""
+        if pid in self.exits:
+            return self.exits[pid]
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                return None  # still running
+        except ChildProcessError:
+            return None  # not a run of this template
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        self._ended(pid, status)
+        return self.exits[pid]
+
+    def kill(self, pid: int) -> bool:
+        """Kill run ``pid``'s process group; it is reaped once it has ended (False: not ours).
+
+        Not waited for here: a process with a large address space (torch, a
+        CUDA context) takes a while to die, and forks queue behind this.
+        """
+        if pid in self.exits:
+            return True  # ended and reaped: its group was killed then
+        try:
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return False
+        # Exact: until this template reaps the run, no other process can
+        # take its pid, and so its process group's id. The run itself too:
+        # a run forked a moment ago may not lead its own group yet.
+        for kill in (os.killpg, os.kill):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                kill(pid, signal.SIGKILL)
+        self.doomed.add(pid)
+        self.reap_doomed()
+        return True
+
+    def reap_doomed(self) -> None:
+        """Reap the killed runs that have ended (each is looked at once, without waiting)."""
+        for pid in list(self.doomed):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                self.doomed.discard(pid)
+                continue
+            if done:
+                self._ended(pid, status)
+
+    def _ended(self, pid: int, status: int) -> None:
+        self.doomed.discard(pid)
+        self.exits[pid] = os.waitstatus_to_exitcode(status)
+        if len(self.exits) > self.KEEP:  # forget the oldest
+            self.exits.pop(next(iter(self.exits)))
 
 
 def _finalizers_stay_here() -> None:
@@ -160,7 +216,7 @@ def main(argv: list[str]) -> int:
     gc.collect()  # once over everything the imports made, so no fork pays for it
     gc.freeze()
     parent = os.getppid()
-    exits: dict[int, int] = {}
+    runs = _Runs()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -168,11 +224,13 @@ def main(argv: list[str]) -> int:
         server.listen(64)
         print("ready", flush=True)
         while os.getppid() == parent:  # the server is gone: so is its template
-            if select.select([server], [], [], 1.0)[0]:
+            # A killed run is reaped within a few ticks of its death.
+            if select.select([server], [], [], 0.05 if runs.doomed else 1.0)[0]:
                 conn, _ = server.accept()
                 with conn, contextlib.suppress(OSError, ValueError, KeyError):
                     conn.settimeout(5.0)
-                    _answer(conn, exits, defaults)
+                    _answer(conn, runs, defaults)
+            runs.reap_doomed()
     return 0
 
 

@@ -208,6 +208,12 @@ class WarmTemplate:
         status = answer.get("status") if answer else None
         return status if isinstance(status, int) else None
 
+    def kill(self, pid: int) -> bool:
+        """Kill the process group of a run the template forked; the template reaps the
+        run once it has ended. False if it could not (no answer, or not its run)."""
+        answer = self._ask({"op": "kill", "pid": pid})
+        return bool(answer and answer.get("killed") is True)
+
     def usage(self) -> dict[str, Any] | None:
         """The template's pid, memory (RSS bytes) and what it imported; None when none is ready."""
         with self._lock:
