@@ -14,7 +14,10 @@ import pytest
 from conftest import serving
 from servers import ServerProcess, wait_until
 
+from cumulus_jupyter.server.app import CumulusApp
+
 TEMPLATE = "cumulus_jupyter.runtime.template"
+JOB_NICE = CumulusApp.job_nice.default_value
 #: Differ between any two jobs or servers, however a run starts.
 PER_JOB = {"CUMULUS_JOB_DIR", "CUMULUS_JOB_ID", "CUMULUS_SERVER_URL"}
 
@@ -83,10 +86,10 @@ def test_a_forked_run_is_a_cold_run_but_for_its_parent(tmp_path):
         assert run.pop("stdout") == str(Path(run.pop("env")["CUMULUS_JOB_DIR"]) / "output.log")
     assert forked == cold
     assert forked["own_session"] and forked["threads"] == 1
-    # Below the server (CumulusApp.job_nice, 5 by default), also where the
-    # scheduler shares the CPU between sessions first.
-    assert forked["nice"] == 5
-    assert forked["autogroup_nice"] in (5, None)
+    # Below the server (CumulusApp.job_nice), also where the scheduler shares
+    # the CPU between sessions first.
+    assert forked["nice"] == JOB_NICE
+    assert forked["autogroup_nice"] in (JOB_NICE, None)
     assert forked["stdin"] == "/dev/null"
 
 
@@ -141,9 +144,9 @@ def test_gpus_reports_the_template_and_its_memory(warm_server):
     assert warm["pid"] == template.pid and warm["rss"] > 0
     assert "torch" in warm["preload"]
     # Its forks are CPU work in a burst of submits: it runs below the server too.
-    assert template.nice() == 5
+    assert template.nice() == JOB_NICE
     with contextlib.suppress(FileNotFoundError):
-        assert Path(f"/proc/{template.pid}/autogroup").read_text().split()[-1] == "5"
+        assert Path(f"/proc/{template.pid}/autogroup").read_text().split()[-1] == str(JOB_NICE)
 
 
 def test_an_upgraded_package_makes_the_template_stale(warm_server):

@@ -90,11 +90,13 @@ class CumulusApp(ExtensionApp):
         help="Largest pickled function + arguments a client may submit, in bytes (else 413).",
     )
     job_nice = Integer(
-        5,
+        19,
         config=True,
         help="Niceness job processes give themselves and their session's autogroup "
         "(0-19), and the warm template too: the server that pauses and reports on them "
-        "stays responsive when many jobs compete for the CPU. A job on a GPU hardly notices.",
+        "stays responsive when many jobs compete for the CPU. Jobs are the host's "
+        "background work: they yield the CPU to what runs at normal priority (the server, "
+        "kernels) only while every core is busy, which a job on a GPU hardly notices.",
     )
     gpus = List(
         Unicode(),

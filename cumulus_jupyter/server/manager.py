@@ -53,7 +53,7 @@ class JobManager:
         pause_timeout: float = 60.0,
         kill_grace: float = 10.0,
         max_payload_bytes: int = 256 << 20,
-        job_nice: int = 5,
+        job_nice: int = 19,
         log: logging.Logger | None = None,
         event_limit: int = 10_000,
         event_max_age: float = 30 * 86400,
