@@ -107,30 +107,23 @@ def resumable_train(epochs=3, steps=20, step_seconds=0.02, every_steps=5):
     }
 
 
-def ignore_everything(pidfile):
-    """Never checks should_pause and ignores SIGTERM: only SIGKILL stops it."""
-    import os
-    import signal
-    import time
+def ignore_everything(pidfile, stray=False):
+    """Never checks should_pause and ignores SIGTERM: only SIGKILL stops it.
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    with open(pidfile, "w") as f:
-        f.write(str(os.getpid()))
-    while True:
-        time.sleep(0.05)
-
-
-def ignore_everything_with_a_stray(pidfile):
-    """As ``ignore_everything``, with a child that left the job's process group."""
+    Writes its pid to ``pidfile``; with ``stray``, also starts a child in a
+    session of its own (out of the job's process group) and writes its pid after.
+    """
     import os
     import signal
     import subprocess
     import time
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    stray = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    pids = [os.getpid()]
+    if stray:
+        pids.append(subprocess.Popen(["sleep", "600"], start_new_session=True).pid)
     with open(pidfile + ".tmp", "w") as f:
-        f.write(f"{os.getpid()} {stray.pid}")
+        f.write(" ".join(map(str, pids)))
     os.replace(pidfile + ".tmp", pidfile)
     while True:
         time.sleep(0.05)

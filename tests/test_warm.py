@@ -218,12 +218,14 @@ def test_the_kill_reaches_a_child_that_left_the_job_s_process_group(tmp_path, wa
     with serving(ServerProcess(tmp_path, warm_workers=warm, pause_timeout=3, kill_grace=2)) as srv:
         client = warm_client(srv) if warm else srv.client()
         pidfile = tmp_path / "pids"
-        job = client.run_async(jobfuncs.ignore_everything_with_a_stray, args=[str(pidfile)])
+        job = client.run_async(jobfuncs.ignore_everything, args=[str(pidfile), True])
         wait_until(pidfile.exists, what="the job and its stray child to start")
         main, stray = (int(p) for p in pidfile.read_text().split())
         assert (TEMPLATE in " ".join(psutil.Process(main).parent().cmdline())) is warm
         assert os.getpgid(stray) != os.getpgid(main)
+        # Looked up while alive: once killed, an orphan may be reaped at once.
+        stray_proc = psutil.Process(stray)
         job.pause()
         wait_until(lambda: job.status() == "paused", timeout=60, what="the kill")
         assert job.info()["escalation"] == "sigkill"
-        wait_until(lambda: gone(psutil.Process(stray)), what="the stray child to be killed")
+        wait_until(lambda: gone(stray_proc), what="the stray child to be killed")
