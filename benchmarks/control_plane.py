@@ -1,7 +1,7 @@
 """Control-plane latency: status requests while 50 clients drive job lifecycles.
 
     python benchmarks/control_plane.py [--clients 50] [--rounds 5] [--job-nice N]
-                                       [--new-connections]
+                                       [--no-freeze-gc] [--new-connections]
 
 Starts a headless job server and waits for its warm template, then, in each
 of ``--rounds`` rounds, runs the load twice, side by side: with no other
@@ -128,6 +128,11 @@ def main() -> None:
         "--job-nice", type=int, default=None, help="CumulusApp.job_nice (default: its default)"
     )
     parser.add_argument(
+        "--no-freeze-gc",
+        action="store_true",
+        help="CumulusApp.freeze_gc=False: the server's startup objects stay in full collections",
+    )
+    parser.add_argument(
         "--new-connections",
         action="store_true",
         help="every request on a new connection, no cookie (the SDK before it kept both)",
@@ -137,10 +142,14 @@ def main() -> None:
     if args.probe:
         probe(*args.probe, keep_alive=not args.new_connections)
         return
-    run(args.clients, args.rounds, args.job_nice, keep_alive=not args.new_connections)
+    config: dict = {} if args.job_nice is None else {"job_nice": args.job_nice}
+    if args.no_freeze_gc:
+        config["freeze_gc"] = False
+    run(args.clients, args.rounds, config, keep_alive=not args.new_connections)
 
 
-def run(clients: int, rounds: int, job_nice: int | None, keep_alive: bool) -> None:
+def run(clients: int, rounds: int, config: dict, keep_alive: bool) -> None:
+    """``config``: CumulusApp traits for the server, beyond the tests' own."""
     # Imported here, not at the top: the probe process runs this file too and
     # must not import torch (jobfuncs does, through the runtime).
     sys.path.insert(0, str(TESTS))  # the server launcher and load clients the tests use
@@ -148,7 +157,6 @@ def run(clients: int, rounds: int, job_nice: int | None, keep_alive: bool) -> No
     from conftest import _kill_leftover_jobs
     from servers import ServerProcess, wait_until
 
-    config = {} if job_nice is None else {"job_nice": job_nice}
     server = ServerProcess(Path(tempfile.mkdtemp(prefix="cumulus-cp-")), **config).start()
     base = server.url + "cumulus/api/"
     rows: list[dict] = []
@@ -178,7 +186,7 @@ def run(clients: int, rounds: int, job_nice: int | None, keep_alive: bool) -> No
     finally:
         server.stop()
         _kill_leftover_jobs(server.job_root)
-    report(rows, clients, rounds, warm_after, job_nice, keep_alive)
+    report(rows, clients, rounds, warm_after, config, keep_alive)
 
 
 PHASES = ("idle server", "2 jobs training")
@@ -276,13 +284,13 @@ def one_phase(client, base, token, clients, label, jobfuncs, server_pid, keep_al
 
 
 def report(
-    rows: list[dict], clients: int, rounds: int, warm_after: float, job_nice, keep_alive: bool
+    rows: list[dict], clients: int, rounds: int, warm_after: float, config: dict, keep_alive: bool
 ) -> None:
-    nice = "the default" if job_nice is None else job_nice
+    settings = ", ".join(f"{k} {v}" for k, v in config.items()) or "the defaults"
     connections = "kept alive" if keep_alive else "a new one for every request"
     print(
         f"{clients} concurrent clients, {rounds} rounds; status request ="
-        f" GET /cumulus/api/jobs/{{id}}; job_nice {nice}; connections: {connections}"
+        f" GET /cumulus/api/jobs/{{id}}; CumulusApp: {settings}; connections: {connections}"
     )
     print(f"  the warm template was ready {warm_after:.1f} s after the server answered")
     print(

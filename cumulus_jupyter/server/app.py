@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import os
 import sys
@@ -133,6 +135,15 @@ class CumulusApp(ExtensionApp):
                 )
         return devices
 
+    freeze_gc = Bool(
+        True,
+        config=True,
+        help="Once the server has started, move what it holds by then (modules, classes, "
+        "configuration: some 200,000 objects with JupyterLab's extensions) out of the "
+        "cyclic garbage collector's sight (gc.freeze()). A full collection would otherwise "
+        "scan them all, stalling every request for 0.1-0.2 s on a small host. They are "
+        "still freed by reference counting; only reference cycles among them stay.",
+    )
     warm_workers = Bool(
         True,
         config=True,
@@ -293,6 +304,18 @@ class CumulusApp(ExtensionApp):
             # template with another environment would not be used.
             warm.prepare(shared_environment(os.environ))
         await self.manager.start()
+        if self.freeze_gc:
+            # Soon, not now: other extensions start alongside this one.
+            asyncio.get_running_loop().call_soon(self._freeze_gc)
+
+    def _freeze_gc(self) -> None:
+        """Collect the startup's garbage once, then freeze every object the server holds."""
+        gc.collect()
+        gc.freeze()
+        self.log.info(
+            "cumulus: %d objects of the server's startup frozen for the garbage collector",
+            gc.get_freeze_count(),
+        )
 
     def _export_connection(self, serverapp: Any) -> None:
         """Let kernels started by this server find it: ``CumulusClient()`` needs no arguments."""
