@@ -30,6 +30,8 @@ def cumulus_server_config(tmp_path, **server_app):
             "job_root": str(tmp_path / "jobs"),
             "gpus": [],
             "max_payload_bytes": 64 * 1024,
+            # The server would freeze the whole test process's objects.
+            "freeze_gc": False,
         },
     }
 

@@ -24,7 +24,7 @@ def freeze(request):
 
 @pytest.fixture
 def jp_server_config(tmp_path, freeze):
-    config = cumulus_server_config(tmp_path)
+    config = cumulus_server_config(tmp_path)  # freeze_gc off: set here as the case says
     config["CumulusApp"]["freeze_gc"] = freeze
     return config
 
