@@ -2,7 +2,7 @@
 
 With JupyterLab's extensions a server holds some 200,000 objects after it
 starts; a full collection of the cyclic garbage collector scanned them all,
-0.1-0.2 s during which no request is answered (``benchmarks/control_plane.py``
+0.1-0.3 s during which no request is answered (``benchmarks/control_plane.py``
 saw it in its slowest answers). Frozen, they are out of every collection's
 sight.
 """

@@ -141,7 +141,7 @@ class CumulusApp(ExtensionApp):
         help="Once the server has started, move what it holds by then (modules, classes, "
         "configuration: some 200,000 objects with JupyterLab's extensions) out of the "
         "cyclic garbage collector's sight (gc.freeze()). A full collection would otherwise "
-        "scan them all, stalling every request for 0.1-0.2 s on a small host. They are "
+        "scan them all, stalling every request for 0.1-0.3 s on a small host. They are "
         "still freed by reference counting; only reference cycles among them stay.",
     )
     warm_workers = Bool(
