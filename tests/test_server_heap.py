@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import time
 
 import pytest
 from conftest import cumulus_server_config
+from servers import wait_until
 
 
 @pytest.fixture(params=[True, False], ids=["freeze_gc", "no freeze_gc"])
@@ -40,18 +40,17 @@ def started(jp_serverapp, jp_asyncio_loop):
         gc.unfreeze()  # the test process goes on with its own collections
 
 
-def run_loop_until(loop, condition, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        loop.run_until_complete(asyncio.sleep(0.01))
-    return condition()
+def frozen_after_a_turn(loop) -> bool:
+    """Let the server's event loop run a little, then say whether anything is frozen."""
+    loop.run_until_complete(asyncio.sleep(0.01))
+    return gc.get_freeze_count() > 0
 
 
 def test_what_the_server_holds_once_started_is_out_of_the_collector_s_sight(started, freeze):
     if freeze:
-        assert run_loop_until(started, lambda: gc.get_freeze_count() > 0)
+        wait_until(lambda: frozen_after_a_turn(started), what="the freeze of the startup objects")
         # A full collection now scans what was made since: a small part of the heap.
         assert gc.get_freeze_count() > 10 * len(gc.get_objects())
     else:
         # The freeze is scheduled at once when it is on: a few turns of the loop show it.
-        assert not run_loop_until(started, lambda: gc.get_freeze_count() > 0, timeout=0.2)
+        assert not any(frozen_after_a_turn(started) for _ in range(20))
