@@ -19,6 +19,11 @@ VENV="${CUMULUS_VENV:-.venv}"
 PY="$VENV/bin/python"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"
+# pytest-xdist workers for `test`, each running whole files (the tests of a
+# file share its server). On 2 cores, two cut the suite from about 30 to
+# about 20 minutes (most tests wait on servers, jobs and browsers).
+# `./dev.sh test -n 0` runs them in one process, e.g. for --pdb.
+WORKERS="${CUMULUS_TEST_WORKERS:-2}"
 
 pip_install() {
   # Quiet, but a failure still fails the script.
@@ -88,7 +93,7 @@ case "${1:-}" in
   setup) setup ;;
   demo) setup; "$PY" examples/demo.py ;;
   lint) setup; lint ;;
-  test) setup; chromium; lint; shift; "$PY" -m pytest "$@" ;;
+  test) setup; chromium; lint; shift; "$PY" -m pytest -n "$WORKERS" --dist loadfile --no-loadscope-reorder "$@" ;;
   screenshots) setup; chromium; "$PY" docs/screenshots.py ;;
   *) echo "usage: ./dev.sh setup|demo|test|lint|screenshots" >&2; exit 2 ;;
 esac

@@ -55,8 +55,12 @@ def serving(srv: ServerProcess) -> Iterator[ServerProcess]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A real `jupyter server` subprocess with the extension, shared by a module's tests."""
+    # Short stop deadlines keep the escalation tests quick. The pause deadline
+    # still leaves a job that pauses by itself time to: jobs run at nice 19,
+    # and beside the other test worker's servers, browsers and Ray cluster a
+    # job can wait seconds for a CPU (3 s was once too short for the seed's save).
     with serving(
-        ServerProcess(tmp_path_factory.mktemp("server"), pause_timeout=3, kill_grace=2)
+        ServerProcess(tmp_path_factory.mktemp("server"), pause_timeout=10, kill_grace=2)
     ) as srv:
         yield srv
 
@@ -77,6 +81,26 @@ def _kill_leftover_jobs(root: Path) -> None:
             started_cold = WORKER_MODULE in cmd and any(str(root) in c for c in cmd)
             if started_cold or (proc.info["cwd"] or "").startswith(inside):
                 proc.kill()
+
+
+#: The files that take longest (minutes each on 2 cores), longest first.
+#: ``./dev.sh test`` runs the tests in 2 pytest-xdist workers, handing out one
+#: file at a time in collection order (``--no-loadscope-reorder``): a long
+#: file handed out last would run alone at the end, its worker's twin idle.
+LONGEST_FILES = (
+    "test_ray.py",
+    "test_lab.py",
+    "test_exact_resume.py",
+    "test_sharded.py",
+    "test_benchmarks.py",
+    "test_notebooks.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Collect the longest files first; the rest keep their order (a stable sort)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -127,6 +127,12 @@ def test_labextension_is_installed_and_enabled():
 def test_the_command_palette_opens_the_panel(page, lab):
     open_lab(page, lab)
     expect(page.locator("#cumulus-jobs")).to_be_hidden()
+    # Once Lab has restored its layout it focuses the main area's widget (the
+    # launcher), which closes a palette opened before then; on a busy machine
+    # that comes seconds after the side bar shows.
+    page.wait_for_function(
+        "() => document.activeElement?.closest('#jp-main-dock-panel')", timeout=60_000
+    )
     page.keyboard.press("Control+Shift+c")
     palette = page.locator(".jp-ModalCommandPalette input")
     palette.fill("Cumulus Jobs Panel")
