@@ -55,10 +55,10 @@ def serving(srv: ServerProcess) -> Iterator[ServerProcess]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A real `jupyter server` subprocess with the extension, shared by a module's tests."""
-    # Short stop deadlines keep the escalation tests quick. The pause deadline
-    # still leaves a job that pauses by itself time to: jobs run at nice 19,
-    # and beside the other test worker's servers, browsers and Ray cluster a
-    # job can wait seconds for a CPU (3 s was once too short for the seed's save).
+    # Short stop deadlines keep the escalation tests quick, but a job that
+    # pauses by itself must still make its deadline: jobs run at nice 19, and
+    # beside the other test worker's servers, browsers and Ray cluster a job
+    # can wait seconds for a CPU (3 s was once too short for the seed's save).
     with serving(
         ServerProcess(tmp_path_factory.mktemp("server"), pause_timeout=10, kill_grace=2)
     ) as srv:
