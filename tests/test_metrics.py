@@ -157,6 +157,15 @@ async def test_the_metrics_endpoint_serves_one_record_per_step_and_each_run(inpr
     assert (await get(since=6, run=2))["metrics"] == written[5:]
     page = await get(since=7)
     assert page["metrics"] == [written[6] | written[7], written[8]] and page["next"] == 10
+    # The file grows: the line being written ends, and two more come (one not
+    # even UTF-8). A page from where the last ended reads on from its byte.
+    with open(root / job["id"] / "metrics.jsonl", "ab") as f:
+        f.write(b': 0.5}\n\xff\xfe not utf-8\n{"step": 5, "loss": 0.4}\n')
+    added = [{"step": 4, "loss": 0.5, "run": 1}, {"step": 5, "loss": 0.4, "run": 1}]
+    assert await get(since=10, all="true") == {"metrics": added, "since": 10, "next": 13}
+    assert await get(since=13) == {"metrics": [], "since": 13, "next": 13}
+    assert (await get(since=12))["metrics"] == added[1:]
+    assert (await get(all="true"))["metrics"] == [*written, *added]  # from the start again
     for params, match in [
         ({"run": "0"}, "run"),
         ({"run": "1.5"}, "whole number"),

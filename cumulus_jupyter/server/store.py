@@ -126,6 +126,10 @@ class JobStore:
     def __init__(self, root: str | Path):
         self.root = make_private_dir(Path(root).expanduser()).resolve()
         self.writer = FileWriter()
+        # Where the last read of each job's metrics ended: (records, bytes).
+        # Followers ask again from there, so a long run's file is read from
+        # that byte on, not from its start at every refresh.
+        self._metrics_ends: dict[str, tuple[int, int]] = {}
 
     def new_id(self) -> str:
         while True:
@@ -220,6 +224,7 @@ class JobStore:
     def remove(self, job_id: str, on_error: Callable[[OSError], None] | None = None) -> None:
         """Delete the job's directory once the changes waiting for it are done."""
         path = self.path(job_id)
+        self._metrics_ends.pop(job_id, None)
         self.writer.submit(job_id, lambda: shutil.rmtree(path), on_error=on_error)
 
     async def settled(self, job_id: str) -> None:
@@ -243,19 +248,31 @@ class JobStore:
         view is asked for, so a poller pages through any of them the same way.
         """
         out: list[dict[str, Any]] = []
-        count = 0
         path = self.dir(job_id).metrics
-        with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8") as f:
-            for line in f:
-                if not line.endswith("\n"):
-                    break  # being written right now: next time
-                count += 1
-                if count <= since:
-                    continue
-                with contextlib.suppress(ValueError):
-                    record = json.loads(line)
-                    if isinstance(record, dict):
-                        out.append(with_run(record))
+        count, end = self._metrics_ends.get(job_id, (0, 0))
+        if count > since:
+            count, end = 0, 0
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            size = 0
+        if size < end:  # not the file last read (it only grows): read it whole
+            count, end = 0, 0
+        if size > end:
+            with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+                f.seek(end)
+                for line in f:
+                    if not line.endswith(b"\n"):
+                        break  # being written right now: next time
+                    count += 1
+                    end += len(line)
+                    if count <= since:
+                        continue
+                    with contextlib.suppress(ValueError):  # UnicodeDecodeError too
+                        record = json.loads(line)
+                        if isinstance(record, dict):
+                            out.append(with_run(record))
+        self._metrics_ends[job_id] = (count, end)
         if run is not None:
             return [r for r in out if r["run"] == run], count
         if every:
@@ -271,6 +288,13 @@ class JobStore:
                 return f.read(max(0, min(limit, LOG_CHUNK))), size
         except FileNotFoundError:
             return b"", 0
+
+    def log_size(self, job_id: str) -> int:
+        """How many bytes ``output.log`` holds (0 before the first)."""
+        try:
+            return os.stat(self.dir(job_id).output).st_size
+        except OSError:
+            return 0
 
     def last_metrics(self, job_id: str) -> dict[str, Any]:
         """The job's last reported metrics record ({} if none)."""
