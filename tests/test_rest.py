@@ -202,6 +202,7 @@ ROUTES = [
     ("POST", "jobs"),
     ("GET", "gpus"),
     ("GET", "events"),
+    ("POST", "follow"),
     ("GET", "jobs/JOB"),
     ("DELETE", "jobs/JOB"),
     ("POST", "jobs/JOB/pause"),
@@ -540,3 +541,121 @@ async def test_resume_checks_nprocs_and_sets_it_for_the_next_run(jp_fetch, jp_se
     await jp_fetch("cumulus", "api", "jobs", job_id, "cancel", method="POST", body="{}")
     release.touch()
     await jp_fetch("cumulus", "api", "jobs", blocker_id, "result", params={"wait": 60})
+
+
+# -- POST follow: several jobs' news in one long-poll ------------------------------------
+
+
+async def follow(jp_fetch, jobs, wait=0.0):
+    body = json.dumps({"jobs": jobs, "wait": wait})
+    resp = await jp_fetch("cumulus", "api", "follow", method="POST", body=body)
+    return json.loads(resp.body)["jobs"]
+
+
+async def submitted(jp_fetch, func, *args, **kwargs):
+    body = submit_body(payload=payload(func, args, kwargs), gpu_memory=0.2)
+    return json.loads((await jp_fetch("cumulus", "api", "jobs", method="POST", body=body)).body)[
+        "id"
+    ]
+
+
+async def test_follow_answers_each_job_from_where_it_was_read(jp_fetch):
+    train = {"epochs": 1, "steps": 6, "step_seconds": 0.0}
+    a = await submitted(jp_fetch, jobfuncs.resumable_train, **train)
+    b = await submitted(jp_fetch, jobfuncs.resumable_train, **train)
+    for job_id in (a, b):
+        await jp_fetch("cumulus", "api", "jobs", job_id, "result", params={"wait": 60})
+    log = json.loads((await jp_fetch("cumulus", "api", "jobs", b, "logs")).body)
+    metrics = json.loads((await jp_fetch("cumulus", "api", "jobs", b, "metrics")).body)
+    assert log["data"].startswith("starting at epoch 0 step 0") and len(metrics["metrics"]) == 6
+
+    # All of them stopped: the answer comes at once, whatever the wait.
+    news = await follow(
+        jp_fetch,
+        {a: {"offset": 0, "metrics": 0}, b: {"offset": 9, "metrics": 4}, "nosuchjob": {}},
+        wait=60,
+    )
+    assert news[a]["log"]["data"] == log["data"]  # the same output for the same job
+    assert news[a]["record"]["state"] == "completed" and news[a]["log"]["running"] is False
+    assert [m["step"] for m in news[a]["metrics"]["metrics"]] == list(range(6))
+    assert news[b]["log"] == {
+        "offset": 9,
+        "next_offset": log["size"],
+        "size": log["size"],
+        "data": log["data"][9:],
+        "running": False,
+    }
+    assert news[b]["metrics"] == {"metrics": metrics["metrics"][4:], "since": 4, "next": 6}
+    record = json.loads((await jp_fetch("cumulus", "api", "jobs", b)).body)
+    assert {**news[b]["record"], "elapsed": 0} == {**record, "elapsed": 0}
+    # A caller that has a record's version gets it again only once it changed.
+    again = await follow(jp_fetch, {b: {"offset": 9, "record": news[b]["version"]}})
+    assert "record" not in again[b] and again[b]["version"] == news[b]["version"]
+    assert again[b]["log"] == news[b]["log"]
+    # A job the server does not know spoils nothing for the others.
+    assert news["nosuchjob"]["error"] == "not_found"
+
+
+async def test_follow_waits_for_output_or_a_change_of_state(jp_fetch, tmp_path):
+    release, done = tmp_path / "release", tmp_path / "done"
+    quiet = await submitted(jp_fetch, jobfuncs.hold_until, str(done))
+    talker = await submitted(jp_fetch, jobfuncs.print_when_released, str(release), "hi", str(done))
+    try:
+        for job_id in (quiet, talker):
+            while True:  # polled: the runs start in their own time
+                job = json.loads((await jp_fetch("cumulus", "api", "jobs", job_id)).body)
+                if job["state"] == "running":
+                    break
+                await asyncio.sleep(0.05)
+        positions = {quiet: {}, talker: {}}
+        # Nothing printed: the wait runs out, and says the jobs still run.
+        news = await follow(jp_fetch, positions, wait=0.3)
+        assert news[talker]["log"]["data"] == "" and news[talker]["log"]["running"] is True
+        # A line from one of them answers a wait longer than the client's
+        # timeout (20 s), so only an early answer passes.
+        held = asyncio.ensure_future(follow(jp_fetch, positions, wait=50))
+        release.touch()
+        news = await held
+        assert news[talker]["log"]["data"] == "hi\n"
+        assert news[quiet]["log"]["data"] == ""
+        # So does a change of state, and the changed record comes with it.
+        positions[talker] = {"offset": news[talker]["log"]["next_offset"]}
+        for job_id in (quiet, talker):
+            positions[job_id]["record"] = news[job_id]["version"]
+        held = asyncio.ensure_future(follow(jp_fetch, positions, wait=50))
+        await jp_fetch("cumulus", "api", "jobs", quiet, "cancel", method="POST", body="{}")
+        news = await held
+        assert news[quiet]["record"]["state"] in ("cancelling", "cancelled")
+        assert news[quiet]["version"] != positions[quiet]["record"]
+        assert "record" not in news[talker]  # unchanged: the caller has it
+    finally:
+        done.touch()
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        ("[]", "the body must be a JSON object"),
+        ("{}", "jobs must be an object of job ids to positions"),
+        ('{"jobs": {}}', "jobs must be an object of job ids to positions"),
+        ('{"jobs": ["a"]}', "jobs must be an object of job ids to positions"),
+        ('{"jobs": {"a": {}}, "since": 1}', "follow takes 'jobs' and 'wait'"),
+        ('{"jobs": {"a": 3}}', "job 'a': its position must be an object"),
+        ('{"jobs": {"a": {"line": 3}}}', "job 'a': give 'offset', 'metrics' and 'record'"),
+        ('{"jobs": {"a": {"record": 3}}}', "job 'a': record must be the version of its record"),
+        ('{"jobs": {"a": {"offset": -1}}}', "job 'a': offset must be a whole number"),
+        ('{"jobs": {"a": {"metrics": 1.5}}}', "job 'a': metrics must be a whole number"),
+        ('{"jobs": {"a": {"offset": true}}}', "job 'a': offset must be a whole number"),
+        ('{"jobs": {"a": {}}, "wait": 61}', "wait must be a number of seconds from 0 to 60"),
+        ('{"jobs": {"a": {}}, "wait": "1"}', "wait must be a number of seconds from 0 to 60"),
+        ('{"jobs": {"a": {}}, "wait": NaN}', "wait must be a number of seconds from 0 to 60"),
+        (
+            json.dumps({"jobs": {f"j{i}": {} for i in range(257)}}),
+            "follow at most 256 jobs per request (257 given)",
+        ),
+    ],
+)
+async def test_follow_refuses_bad_input(jp_fetch, body, match):
+    code, err = await error_of(jp_fetch, "follow", method="POST", body=body)
+    assert code == 400 and err["error"] == "bad_request"
+    assert match in err["message"]

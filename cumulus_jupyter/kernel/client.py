@@ -325,6 +325,25 @@ class CumulusClient:
             timeout=wait + self.timeout,
         )
 
+    def follow(
+        self, positions: Mapping[str, Mapping[str, int]], wait: float = 0.0
+    ) -> dict[str, dict[str, Any]]:
+        """What is new in several jobs, in one request (``POST follow``).
+
+        ``positions`` maps each job's id to how far it was read:
+        ``{"offset": bytes of output, "metrics": records of metrics}`` (both
+        default to 0), and ``"record"``: the ``version`` of the job's record
+        an earlier answer gave, if the caller has it. The answer maps each id
+        to ``{"version", "log", "metrics"}`` and ``"record"`` unless the
+        caller has that version, shaped as :meth:`get_logs`,
+        :meth:`metrics_page` and :meth:`Job.info` answer; or to ``{"error",
+        "message"}`` for a job the server does not know. ``wait`` holds the
+        request up to that many seconds until one of the jobs prints, stops
+        running or changes state.
+        """
+        body = {"jobs": {job_id: dict(where) for job_id, where in positions.items()}, "wait": wait}
+        return self._json("POST", "follow", body, timeout=wait + self.timeout)["jobs"]
+
     def gpus(self) -> list[dict[str, Any]]:
         """Per device: the share taken and by which jobs."""
         return self._json("GET", "gpus")["gpus"]

@@ -22,12 +22,15 @@ from tornado import web
 from ..errors import CumulusError
 from ..states import ACTIVE, JobState
 from .manager import JobManager
-from .requests import parse_resume, parse_submission
+from .requests import Position, parse_follow, parse_resume, parse_submission
+from .store import LOG_CHUNK
 
 AUTH_RESOURCE = "cumulus"
 _ID = r"(?P<job_id>[^/]+)"
 #: The longest a request may hold the connection waiting (result, logs).
 MAX_WAIT = 60.0
+#: How often a held request looks for new output: log growth is no event the server hears of.
+LOG_POLL = 0.1
 _STATUS_CODES = {
     400: "bad_request",
     403: "forbidden",
@@ -235,24 +238,81 @@ class LogsHandler(CumulusHandler):
             wait = self.number_arg("wait", 0.0, 0.0, MAX_WAIT)
             deadline = time.monotonic() + wait
             while True:
-                running = self.manager.get(job_id).state in ACTIVE
-                data, size = self.manager.store.read_log(job_id, offset)
-                if data or not running or time.monotonic() >= deadline:
+                part = log_part(self.manager, job_id, offset)
+                if part["data"] or not part["running"] or time.monotonic() >= deadline:
                     break
                 # Log growth is not an event the server hears about; a short
                 # poll keeps the wait cheap and the latency low.
-                await asyncio.sleep(0.1)
-            # Never split a UTF-8 character between two answers.
-            data = _complete_utf8(data)
-            self.reply(
-                {
-                    "offset": offset,
-                    "next_offset": offset + len(data),
-                    "size": size,
-                    "data": data.decode("utf-8", errors="replace"),
-                    "running": running,
-                }
-            )
+                await asyncio.sleep(LOG_POLL)
+            self.reply(part)
+
+
+class FollowHandler(CumulusHandler):
+    """``POST follow``: what is new in several jobs, in one long-poll.
+
+    For a notebook full of live widgets: one request at a time per notebook,
+    not one per widget. The body names each job and how far the caller has
+    read it; the answer has, for each, its record, its output from there and
+    its metrics from there (as ``GET jobs/{id}``, ``.../logs`` and
+    ``.../metrics`` give them). ``wait`` holds the request until one of the
+    jobs has new output, or is no longer running, or changed state.
+    """
+
+    @web.authenticated
+    @authorized("read")
+    async def post(self) -> None:
+        with self.errors():
+            positions, wait = parse_follow(self.body(), MAX_WAIT)
+        deadline = time.monotonic() + wait
+        # An answer of many jobs holds no more output than one job's would.
+        limit = max(LOG_CHUNK // len(positions), 64 * 1024)
+        states = self._states(positions)
+        while wait > 0 and time.monotonic() < deadline:
+            if any(s is None or s not in ACTIVE for s in states.values()):
+                break  # unknown, or stopped: the caller learns it now
+            if self._states(positions) != states:
+                break
+            if any(self.manager.store.log_size(i) > p.offset for i, p in positions.items()):
+                break
+            await asyncio.sleep(LOG_POLL)
+        self.reply({"jobs": {i: self._news(i, p, limit) for i, p in positions.items()}})
+
+    def _states(self, positions: dict[str, Position]) -> dict[str, JobState | None]:
+        jobs = self.manager.jobs
+        return {i: jobs[i].state if i in jobs else None for i in positions}
+
+    def _news(self, job_id: str, where: Position, limit: int) -> dict[str, Any]:
+        try:
+            self.manager.get(job_id)
+        except CumulusError as e:
+            return {"error": e.code, "message": e.message}
+        metrics, next_index = self.manager.store.metrics(job_id, where.metrics)
+        news: dict[str, Any] = {
+            "version": self.manager.version(job_id),
+            "log": log_part(self.manager, job_id, where.offset, limit),
+            "metrics": {"metrics": metrics, "since": where.metrics, "next": next_index},
+        }
+        # Records are most of an answer: only the ones the caller lacks.
+        if where.record != news["version"]:
+            news["record"] = self.manager.public(job_id)
+        return news
+
+
+def log_part(
+    manager: JobManager, job_id: str, offset: int, limit: int = LOG_CHUNK
+) -> dict[str, Any]:
+    """Output of a job from byte ``offset``, as ``GET jobs/{id}/logs`` answers it."""
+    running = manager.get(job_id).state in ACTIVE
+    data, size = manager.store.read_log(job_id, offset, limit)
+    # Never split a UTF-8 character between two answers.
+    data = _complete_utf8(data)
+    return {
+        "offset": offset,
+        "next_offset": offset + len(data),
+        "size": size,
+        "data": data.decode("utf-8", errors="replace"),
+        "running": running,
+    }
 
 
 def _complete_utf8(data: bytes) -> bytes:
@@ -346,6 +406,7 @@ def handlers() -> list[tuple[str, type[CumulusHandler]]]:
         (rf"{api}/jobs/?", JobsHandler),
         (rf"{api}/gpus/?", GpusHandler),
         (rf"{api}/events/?", EventsHandler),
+        (rf"{api}/follow/?", FollowHandler),
         (rf"{api}/jobs/{_ID}/?", JobHandler),
         (rf"{api}/jobs/{_ID}/pause/?", PauseHandler),
         (rf"{api}/jobs/{_ID}/resume/?", ResumeHandler),

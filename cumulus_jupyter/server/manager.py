@@ -18,6 +18,7 @@ import contextlib
 import functools
 import logging
 import os
+import secrets
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -75,6 +76,12 @@ class JobManager:
         self._manifest_mtime: dict[str, int | None] = {}  # per running job
         self._checkpoint_seen: dict[str, object] = {}  # newest checkpoint's name per job
         self._changed: dict[str, asyncio.Event] = {}
+        # Each record's version, for followers that have it already (POST
+        # follow). Unique to this server's life: a version a client kept from
+        # the server before a restart never matches one of this server's.
+        self._versions: dict[str, int] = {}
+        self._version_prefix = secrets.token_hex(4)
+        self._last_version = 0
         self._starting: set[str] = set()  # queued jobs whose run's process is being started
         self._finishing: set[str] = set()  # jobs whose ended run is being collected
         self._tasks: set[asyncio.Task[None]] = set()
@@ -280,6 +287,7 @@ class JobManager:
         self._checkpoint_seen.pop(job_id, None)
         self.event(job, "deleted", old=job.state.value)
         self._notify(job_id)
+        self._versions.pop(job_id, None)
 
     def _not_removed(self, job_id: str, error: OSError) -> None:
         # The job is gone from the list; its directory comes back at the next start.
@@ -318,7 +326,13 @@ class JobManager:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
 
+    def version(self, job_id: str) -> str:
+        """A name of the job's record as it is now: it changes whenever the record does."""
+        return f"{self._version_prefix}.{self._versions.get(job_id, 0)}"
+
     def _notify(self, job_id: str) -> None:
+        self._last_version += 1
+        self._versions[job_id] = self._last_version
         event = self._changed.pop(job_id, None)
         if event is not None:
             event.set()

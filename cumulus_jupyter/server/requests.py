@@ -217,3 +217,62 @@ def _choose_python(python: Any, version: str) -> str:
             f"Python {python_version()}"
         )
     return sys.executable  # the server's own
+
+
+FOLLOW_FIELDS = frozenset({"jobs", "wait"})
+#: The most jobs one ``POST follow`` may name: a notebook's widgets, with room to spare.
+MAX_FOLLOWED = 256
+
+
+@dataclass(frozen=True)
+class Position:
+    """How far a follower has read one job: its output's bytes, its metrics' records."""
+
+    offset: int = 0
+    metrics: int = 0
+    #: The version of the job's record the follower has (None: it has none).
+    record: str | None = None
+
+
+def parse_follow(body: Any, max_wait: float) -> tuple[dict[str, Position], float]:
+    """Check a follow body: ``{"jobs": {id: {"offset": N, "metrics": M}}, "wait": S}``."""
+    body = _object(body, FOLLOW_FIELDS, "follow takes 'jobs' and 'wait'")
+    jobs = body.get("jobs")
+    if not isinstance(jobs, dict) or not jobs:
+        raise BadRequestError(
+            "jobs must be an object of job ids to positions, e.g. "
+            '{"jobs": {"<id>": {"offset": 0, "metrics": 0}}}'
+        )
+    if len(jobs) > MAX_FOLLOWED:
+        raise BadRequestError(
+            f"follow at most {MAX_FOLLOWED} jobs per request ({len(jobs)} given); split them"
+        )
+    positions = {}
+    for job_id, where in jobs.items():
+        if not isinstance(where, dict):
+            raise BadRequestError(
+                f"job {job_id!r}: its position must be an object, e.g. "
+                '{"offset": 0, "metrics": 0}'
+            )
+        where = _object(
+            where,
+            frozenset({"offset", "metrics", "record"}),
+            f"job {job_id!r}: give 'offset', 'metrics' and 'record'",
+        )
+        for field in ("offset", "metrics"):
+            value = where.get(field, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise BadRequestError(
+                    f"job {job_id!r}: {field} must be a whole number, 0 or more, got {value!r}"
+                )
+        record = where.get("record")
+        if record is not None and not isinstance(record, str):
+            raise BadRequestError(
+                f"job {job_id!r}: record must be the version of its record an answer gave,"
+                f" got {record!r}"
+            )
+        positions[job_id] = Position(where.get("offset", 0), where.get("metrics", 0), record)
+    wait = body.get("wait", 0)
+    if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= max_wait:
+        raise BadRequestError(f"wait must be a number of seconds from 0 to {max_wait:g}")
+    return positions, float(wait)
