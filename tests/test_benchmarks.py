@@ -156,6 +156,17 @@ SMALLER = [
         ],
     ),
     (
+        ["widget_load.py", "--rounds", "1", "--widgets", "2", "--window", "1"],
+        [
+            r"^2 followed jobs, a line every 0\.05 s each; 1 rounds of 1 s per way$",
+            r"^refresh every 1 s +server CPU +[\d.]+% of a core .* line seen after +\d+ ms",
+            r"^a long-poll per widget +server CPU +[\d.]+% of a core",
+            r"^JobWidgets +server CPU +[\d.]+% of a core .* JobWidgets / this 1\.00$",
+            r"^JobWidgets: line seen after \d+ ms, goal <= 100 ms: (met|NOT met); server CPU"
+            r" / refresh every 1 s [\d.]+, goal <= 1: " + VERDICT,
+        ],
+    ),
+    (
         ["run_cost.py", "--rounds", "1", "--runs", "1"],
         [
             r"^run's process: forked \d+ ms, cold \d+ ms; median of paired ratios [\d.]+$",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
+import time
 from contextlib import redirect_stdout
 
 import jobfuncs
@@ -12,6 +14,7 @@ from servers import wait_until
 
 from cumulus_jupyter.kernel import widgets
 from cumulus_jupyter.kernel.widgets import POLLER, CheckpointBrowser, JobWidget
+from cumulus_jupyter.spec import format_duration
 
 
 def buttons(w):
@@ -91,16 +94,16 @@ def test_closing_widgets_leaves_no_thread_behind(training):
         view.close()
     wait_until(lambda: not thread.is_alive(), what="the poller thread to exit")
     assert widgets._live_widgets() == []
-    # Each widget's log follower ends with its current long-poll.
-    followers = [view._follower for view in views if view._follower is not None]
-    assert followers, "a running job's widget follows its log"
-    wait_until(lambda: not any(f.is_alive() for f in followers), what="the log followers to end")
-    # And the follower of the server's events, with its current long-poll.
-    wait_until(
-        lambda: not any(t.name == "cumulus-events" and t.is_alive() for t in threading.enumerate()),
-        timeout=60,
-        what="the event follower to end",
-    )
+    # The followers of the server's running jobs and of its events end with
+    # their current long-polls.
+    for name in ("cumulus-follow", "cumulus-events"):
+        wait_until(
+            lambda name=name: (
+                not any(t.name == name and t.is_alive() for t in threading.enumerate())
+            ),
+            timeout=60,
+            what=f"the thread {name} to end",
+        )
 
 
 def test_errors_from_the_server_are_shown_not_raised(training):
@@ -173,6 +176,110 @@ def test_a_printed_line_shows_without_waiting_for_the_next_refresh(client, tmp_p
     assert job.result(timeout=60) == "done"
 
 
+def test_running_jobs_widgets_are_followed_together_one_request_at_a_time(
+    client, training, tmp_path, monkeypatch
+):
+    """Twenty widgets must not cost the server twenty long-polls: one request at a
+    time brings every running job's output, metrics and record to its widget."""
+    done = tmp_path / "done"
+    talkers = [
+        client.run_async(
+            jobfuncs.print_when_released,
+            args=[str(tmp_path / f"release{i}"), f"hello from {i}", str(done)],
+            gpu_memory=0.1,
+        )
+        for i in range(2)
+    ]
+    requests: list[set[str]] = []
+    at_once = [0, 0]  # now, most
+    lock = threading.Lock()
+    follow = client.follow
+
+    def counted(positions, wait=0.0):
+        with lock:
+            requests.append(set(positions))
+            at_once[0] += 1
+            at_once[1] = max(at_once)
+        try:
+            return follow(positions, wait)
+        finally:
+            with lock:
+                at_once[0] -= 1
+
+    get_logs = client.get_logs
+
+    def no_log_polls(job_id, offset=0, wait=0.0):
+        # A stopped job's last output is read once, the usual way; a running
+        # one's is never waited for alone.
+        assert not wait, "a widget long-polled one job's output on its own"
+        return get_logs(job_id, offset, wait)
+
+    monkeypatch.setattr(client, "follow", counted)
+    jobs = [training, *talkers]
+    for job in jobs:
+        wait_until(lambda job=job: job.status() == "running", what="the jobs to run")
+    views = [JobWidget(job, poll_interval=3600) for job in jobs]  # no refresh for an hour
+    try:
+        monkeypatch.setattr(client, "get_logs", no_log_polls)
+        for i in range(2):
+            (tmp_path / f"release{i}").touch()
+        for i, view in enumerate(views[1:]):
+            wait_until(lambda v=view, i=i: f"hello from {i}" in v.log_text, what="each line")
+        # The training job's metrics reach its chart through the same requests.
+        steps = views[0].progress.value
+        wait_until(lambda: views[0].progress.value > steps, what="the training's progress")
+        assert {job.id for job in jobs} in requests
+        assert at_once[1] == 1
+        # A job that stops leaves the requests; the others stay in them.
+        talkers[0].cancel()
+        wait_until(lambda: views[1].state == "cancelled", what="the widget to see the cancel")
+        seen = len(requests)
+        wait_until(lambda: len(requests) > seen + 1, what="two more requests")
+        assert talkers[0].id not in requests[-1] and talkers[1].id in requests[-1]
+    finally:
+        done.touch()
+        for view in views:
+            view.close()
+
+
+def test_a_running_jobs_elapsed_time_goes_on_while_its_record_is_not_resent(
+    client, tmp_path, monkeypatch
+):
+    release = tmp_path / "release"
+    job = client.run_async(jobfuncs.hold_until, args=[str(release)], gpu_memory=0.1)
+    answers = []
+    follow = client.follow
+
+    def kept(positions, wait=0.0):
+        answer = follow(positions, wait)
+        answers.append(answer)
+        return answer
+
+    monkeypatch.setattr(client, "follow", kept)
+    wait_until(lambda: job.status() == "running", what="the job to run")
+
+    def lacking() -> list[int]:
+        return [i for i, answer in enumerate(answers) if "record" not in answer[job.id]]
+
+    w = JobWidget(job)
+    try:
+        # The server sends the record once; then, unchanged, only its version.
+        wait_until(lacking, what="an answer without the record")
+        first = lacking()[0]
+        shown = w.record["elapsed"]
+        wait_until(lambda: w.record["elapsed"] >= shown + 2, what="two more seconds shown")
+        wait_until(  # the header is drawn just before the record is kept
+            lambda: f"elapsed {format_duration(w.record['elapsed'])} /" in w.header.value,
+            what="the header to show it",
+        )
+        # Counted on here, not re-sent.
+        assert all("record" not in answer[job.id] for answer in list(answers)[first:])
+    finally:
+        release.touch()
+        w.close()
+    assert job.result(timeout=60) == "released"
+
+
 def test_a_waiting_jobs_widget_is_woken_by_the_event_log(training):
     """A paused job's widget polls rarely: a resume from elsewhere (the panel, a
     magic) reaches it through the server's event log, not its next poll."""
@@ -190,3 +297,60 @@ def test_a_waiting_jobs_widget_is_woken_by_the_event_log(training):
         wait_until(lambda: w.state in ("pausing", "paused"), timeout=30, what="the next one")
     finally:
         w.close()
+
+
+# -- a server older than POST follow (in-process, the route taken out) ----------------
+
+
+@pytest.fixture
+def older_server(jp_serverapp, jp_asyncio_loop, http_server):
+    """A real server without ``POST follow``, as one of an earlier version is
+    (pytest-jupyter's, serving on this test's event loop: ``http_server``)."""
+    from cumulus_jupyter.server.handlers import FollowHandler
+
+    # pytest-jupyter does not run the server's post-start hook; a real server does.
+    jp_asyncio_loop.run_until_complete(jp_serverapp.extension_manager.start_all_extensions())
+    app = jp_serverapp.web_app
+    for router in (app.default_router, app.wildcard_router):
+        for rule in router.rules:
+            rules = getattr(rule.target, "rules", None)
+            if rules is not None:
+                rules[:] = [r for r in rules if r.target is not FollowHandler]
+    return jp_serverapp
+
+
+async def test_widgets_of_a_server_without_follow_are_refreshed_as_before(
+    older_server, jp_base_url, tmp_path
+):
+    from cumulus_jupyter import CumulusClient
+    from cumulus_jupyter.errors import JobNotFoundError
+
+    url = f"http://127.0.0.1:{older_server.port}{jp_base_url}"
+    client = CumulusClient(url, token=older_server.identity_provider.token)
+    release, done = tmp_path / "release", tmp_path / "done"
+    # The client is synchronous and this server runs on this test's loop: threads.
+    job = await asyncio.to_thread(
+        client.run_async,
+        jobfuncs.print_when_released,
+        [str(release), "hello, old server", str(done)],
+        gpu_memory=0.1,
+    )
+    with pytest.raises(JobNotFoundError):
+        await asyncio.to_thread(client.follow, {job.id: {}})
+
+    async def until(predicate, what):
+        deadline = time.monotonic() + 60
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.05)
+
+    w = await asyncio.to_thread(JobWidget, job)
+    try:
+        await until(lambda: url in POLLER.unfollowable, "the widget to find no follow")
+        release.touch()
+        await until(lambda: "hello, old server" in w.log_text, "the line, by refreshes")
+        assert w.message.value == ""  # nothing for the user to mend
+    finally:
+        done.touch()
+        w.close()
+        POLLER.unfollowable.discard(url)

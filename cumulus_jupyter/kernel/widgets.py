@@ -10,9 +10,11 @@ drawn by :mod:`.display`.
 Every ``JobWidget`` is refreshed by one shared background thread that talks
 to the server, so the kernel is never blocked and a notebook full of widgets
 costs one thread. A widget leaves the thread when it is closed or its job
-ends; the thread exits when no widget is left. While its job runs, a widget
-also follows the job's output with long-polls (``GET logs?wait=``) in a
-thread of its own, so a printed line shows at once, not at the next refresh.
+ends; the thread exits when no widget is left. The widgets of running jobs
+are followed together, per server, by one more thread: one long-poll
+(``POST follow``) at a time brings every such job's record, new output and
+new metrics, so a printed line shows at once, and twenty widgets cost the
+server one request at a time, not twenty.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from typing import Any
 
 import ipywidgets as w
 
-from ..errors import CumulusError
+from ..errors import CumulusError, JobNotFoundError
 from ..metrics import POSITION_FIELDS, StepMerger
-from ..states import ACTIVE, RESUMABLE, TERMINAL, Action, JobState
+from ..states import ACTIVE, RESUMABLE, RUNNING_STATES, TERMINAL, Action, JobState
 from .client import CumulusClient, Job
 from .display import (
     CHECKPOINT_HEADER,
@@ -43,25 +45,32 @@ from .logstream import LineAssembler
 #: Steps a chart holds at most; past it every other one is dropped (the shape stays).
 _MAX_POINTS = 2000
 _MAX_LOG_BYTES = 256 * 1024  # read per refresh at most; older output is skipped
-#: How long one long-poll of the log may wait for output.
-_FOLLOW_WAIT = 2.0
+#: How long one long-poll of the running jobs may wait for output: a quiet
+#: notebook asks once a second, and its widgets' elapsed times tick so.
+_FOLLOW_WAIT = 1.0
 #: How long one long-poll of the event log may wait for a change.
 _EVENT_WAIT = 20.0
 #: A widget of a job that waits (queued, paused) is refreshed this much less
 #: often than a running job's: the event log wakes it when it changes.
 _WAITING_SLOWDOWN = 10
-#: The least time between two log requests of one widget: a job that prints
-#: all the time costs at most ten requests a second, one that prints now and
-#: then one request per line (or per _FOLLOW_WAIT).
+#: The least time between two long-polls of one server's running jobs: jobs
+#: that print all the time cost at most ten requests a second, together.
 _FOLLOW_GAP = 0.1
+#: The most jobs the server follows in one request; more take turns.
+_MOST_FOLLOWED = 256
+#: After a long-poll failed (the server is away), its widgets are refreshed
+#: the usual way for this long before the stream tries again.
+_FOLLOW_RETRY = 2.0
 
 
 class _Poller:
     """One daemon thread refreshing every registered widget when it is due.
 
-    A second thread follows the server's event log (``GET events?wait=``):
-    a widget whose job changed is refreshed at once, so widgets of jobs that
-    wait (queued, paused) need no frequent polling at all.
+    Per server, a thread follows the event log (``GET events?wait=``): a
+    widget whose job changed is refreshed at once, so widgets of jobs that
+    wait (queued, paused) need no frequent polling at all. And a thread
+    follows the running jobs (``POST follow``) for their widgets, which the
+    first thread then leaves alone.
     """
 
     def __init__(self) -> None:
@@ -70,6 +79,9 @@ class _Poller:
         self._wake = threading.Event()
         self.thread: threading.Thread | None = None
         self._watchers: dict[str, threading.Thread] = {}  # per server URL
+        self._streams: dict[str, threading.Thread] = {}  # per server URL
+        #: Servers that cannot follow jobs (older than ``POST follow``).
+        self.unfollowable: set[str] = set()
 
     def add(self, widget: _Polled) -> None:
         with self._lock:
@@ -80,24 +92,77 @@ class _Poller:
                 )
                 self.thread.start()
             client = widget.client_for_events()
-            watcher = self._watchers.get(client.url) if client is not None else None
-            if client is not None and (watcher is None or not watcher.is_alive()):
-                watcher = threading.Thread(
-                    target=self._follow_events, args=(client,), name="cumulus-events", daemon=True
-                )
-                self._watchers[client.url] = watcher
-                watcher.start()
+            if client is not None:
+                for threads, target, name in [
+                    (self._watchers, self._follow_events, "cumulus-events"),
+                    (self._streams, self._follow_jobs, "cumulus-follow"),
+                ]:
+                    thread = threads.get(client.url)
+                    if threads is self._streams and client.url in self.unfollowable:
+                        continue
+                    if thread is None or not thread.is_alive():
+                        thread = threading.Thread(
+                            target=target, args=(client,), name=name, daemon=True
+                        )
+                        threads[client.url] = thread
+                        thread.start()
         self._wake.set()
+
+    def _widgets_of(self, url: str, threads: dict[str, threading.Thread]) -> list[_Polled]:
+        """The widgets of this server; with none left, the calling thread leaves ``threads``."""
+        with self._lock:
+            mine = [w for w in self._widgets if _server_of(w) == url]
+            if not mine:
+                threads.pop(url, None)
+            return mine
+
+    def _follow_jobs(self, client: CumulusClient) -> None:
+        """Bring news of this server's running jobs to their widgets, one long-poll at a time."""
+        while True:
+            mine = self._widgets_of(client.url, self._streams)
+            if not mine:
+                return
+            # Two widgets of one job have a position each: the one served
+            # longer ago goes in this request, the other in the next.
+            followed: dict[str, _Polled] = {}
+            for widget in sorted(mine, key=lambda w: w.served_at):
+                if widget.streamed() and len(followed) < _MOST_FOLLOWED:
+                    followed.setdefault(widget.job_id(), widget)
+            if not followed:
+                time.sleep(_FOLLOW_GAP)  # until a job runs (a widget's refresh sees it)
+                continue
+            started = time.monotonic()
+            try:
+                answer = client.follow(
+                    {job_id: w.position() for job_id, w in followed.items()}, wait=_FOLLOW_WAIT
+                )
+            except JobNotFoundError:
+                # A server older than `POST follow`: its widgets are refreshed
+                # every poll interval instead (record, output and metrics).
+                with self._lock:
+                    self.unfollowable.add(client.url)
+                    self._streams.pop(client.url, None)
+                for widget in mine:
+                    widget.wake()
+                self._wake.set()
+                return
+            except (CumulusError, OSError) as e:
+                for widget in followed.values():
+                    widget.fail(e)  # it is refreshed as usual until it tries again
+                self._wake.set()
+                continue
+            for job_id, news in answer.items():
+                if job_id in followed:
+                    followed[job_id].take(news)
+            time.sleep(max(0.0, _FOLLOW_GAP - (time.monotonic() - started)))
 
     def _follow_events(self, client: CumulusClient) -> None:
         """Wake the widgets of every job that changed, until no widget of this server is left."""
         since: int | None = None
         while True:
-            with self._lock:
-                mine = [w for w in self._widgets if _server_of(w) == client.url]
-                if not mine:
-                    self._watchers.pop(client.url, None)
-                    return
+            mine = self._widgets_of(client.url, self._watchers)
+            if not mine:
+                return
             try:
                 if since is None:
                     answer = client.events(limit=1)  # where the log stands
@@ -154,6 +219,8 @@ class _Polled:
 
     poll_interval = 1.0
     _next_poll = 0.0
+    #: When the stream last brought this widget news (``time.monotonic()``).
+    served_at = 0.0
 
     def due(self, now: float) -> bool:
         return now >= self._next_poll
@@ -172,6 +239,26 @@ class _Polled:
     def poll(self) -> bool:
         """Refresh; return whether to keep polling."""
         raise NotImplementedError
+
+    def streamed(self) -> bool:
+        """Whether the stream of its server's running jobs keeps it fresh now."""
+        return False
+
+    def position(self) -> dict[str, Any]:
+        """How far it has read its job: ``{"offset": bytes, "metrics": records}``
+        and ``"record"``, the version of the record it has, if any."""
+        return {}
+
+    def take(self, news: dict[str, Any]) -> None:
+        """Draw one job's part of a ``POST follow`` answer."""
+
+    def fail(self, error: Exception) -> None:
+        """The stream could not reach the server: say so."""
+
+
+def _unlike(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two records of a job differ in more than the time they were taken."""
+    return {**a, "elapsed": None} != {**b, "elapsed": None}
 
 
 def _button(description: str, icon: str, style: str) -> w.Button:
@@ -231,8 +318,14 @@ class JobWidget(w.VBox, _Polled):
         # its checkpoint again, and the chart must not draw them twice.
         self._metrics = StepMerger(max_steps=_MAX_POINTS, keep_unplaced=False)
         self._refresh_lock = threading.Lock()
-        self._follower: threading.Thread | None = None
         self._closed = False
+        self._drawn_at = 0.0  # when the whole widget was last drawn (the log: more often)
+        # The newest record received, when, and its version if the stream
+        # brought it: the stream's answers leave out records the widget has.
+        self._received: tuple[dict[str, Any], float] = (self.record, time.monotonic())
+        self._version: str | None = None
+        self._stream_error = False  # the message shows the stream's error
+        self._retry_at = 0.0  # after the stream failed: when it may try again
         self.refresh()
         if self.state not in TERMINAL:
             POLLER.add(self)
@@ -254,48 +347,92 @@ class JobWidget(w.VBox, _Polled):
         with self._refresh_lock:
             client = self.job.client
             record = self.job.info()
-            if not self._following():  # while it runs, the follower reads the log
-                self._read_log(client)
+            if _unlike(record, self._received[0]):
+                self._version = None  # the stream's version is not of this record
+            self._received = (record, time.monotonic())
+            self._read_log(client)
             page = client.metrics_page(self.job.id, since=self._metrics_next)
             self._metrics_next = page["next"]
             self._metrics.extend(page["metrics"])
             self._draw(record)
-            if record.get("state") in ACTIVE and not self._following() and not self._closed:
-                self._follower = threading.Thread(
-                    target=self._follow_log, name=f"cumulus-log-{self.job.id}", daemon=True
-                )
-                self._follower.start()
-
-    def _following(self) -> bool:
-        return self._follower is not None and self._follower.is_alive()
-
-    def _follow_log(self) -> None:
-        """Long-poll the job's output while it runs; draw each new piece at once."""
-        client = self.job.client
-        while not self._closed:
-            started = time.monotonic()
-            try:
-                part = client.get_logs(self.job.id, self._log_offset, wait=_FOLLOW_WAIT)
-            except (CumulusError, OSError):
-                return  # the shared refresh reads the log again, and says what failed
-            if part["data"]:
-                with self._refresh_lock:
-                    self._add_output(part)
-                    self._draw_log()
-            if not part["running"] and part["next_offset"] >= part["size"]:
-                return
-            time.sleep(max(0.0, _FOLLOW_GAP - (time.monotonic() - started)))
 
     def poll(self) -> bool:
         try:
             self.refresh()
         except (CumulusError, OSError) as e:
             self.message.value = error_html(e)
-        # A job that waits changes when someone resumes it, or Ray places it:
-        # the event log wakes the widget then; look rarely otherwise.
-        slow = self.state in RESUMABLE or self.state == JobState.QUEUED.value
-        self._next_poll = time.monotonic() + self.poll_interval * (_WAITING_SLOWDOWN if slow else 1)
+        if self.streamed():
+            # The stream keeps it fresh; an event or the job's stop wakes it.
+            self._next_poll = float("inf")
+        else:
+            # A job that waits changes when someone resumes it, or Ray places it:
+            # the event log wakes the widget then; look rarely otherwise.
+            slow = self.state in RESUMABLE or self.state == JobState.QUEUED.value
+            self._next_poll = time.monotonic() + self.poll_interval * (
+                _WAITING_SLOWDOWN if slow else 1
+            )
         return self.state not in TERMINAL
+
+    def streamed(self) -> bool:
+        return (
+            self.state in ACTIVE
+            and not self._closed
+            and time.monotonic() >= self._retry_at
+            and self.job.client.url not in POLLER.unfollowable
+        )
+
+    def position(self) -> dict[str, Any]:
+        where: dict[str, Any] = {"offset": self._log_offset, "metrics": self._metrics_next}
+        if self._version is not None:
+            where["record"] = self._version
+        return where
+
+    def take(self, news: dict[str, Any]) -> None:
+        now = self.served_at = time.monotonic()
+        if self._closed:
+            return
+        if "version" not in news:  # the server no longer knows the job (deleted)
+            self.fail(JobNotFoundError(news.get("message", "no such job")))
+            return
+        with self._refresh_lock:
+            if self._stream_error:
+                self.message.value, self._stream_error = "", False
+            part, page = news["log"], news["metrics"]
+            record = news.get("record")
+            if record is not None:
+                self._received, self._version = (record, now), news["version"]
+            else:
+                record = self._aged(now)
+            # A refresh may have read past where the request started: then
+            # this part is old, and the next request starts where it stopped.
+            if part["offset"] == self._log_offset and part["data"]:
+                self._add_output(part)
+                self._draw_log()
+            new_metrics = page["since"] == self._metrics_next and page["next"] > page["since"]
+            if new_metrics:
+                self._metrics.extend(page["metrics"])
+                self._metrics_next = page["next"]
+            # Redrawing everything (the chart) for every printed line would
+            # cost the kernel; the state and the chart are drawn when they
+            # change, and the elapsed time once per poll interval.
+            changed = _unlike(record, self.record)
+            if changed or new_metrics or now - self._drawn_at >= self.poll_interval:
+                self._draw(record)
+        if not self.streamed():
+            self._next_poll = 0.0  # stopped: the poller takes it from here
+
+    def _aged(self, now: float) -> dict[str, Any]:
+        """The newest record received, its run's elapsed time counted on to ``now``."""
+        record, at = self._received
+        elapsed = record.get("elapsed")
+        if record.get("state") in RUNNING_STATES and isinstance(elapsed, int | float):
+            return {**record, "elapsed": round(elapsed + now - at, 3)}
+        return record
+
+    def fail(self, error: Exception) -> None:
+        self.message.value, self._stream_error = error_html(error), True
+        self._retry_at = time.monotonic() + _FOLLOW_RETRY
+        self._next_poll = 0.0
 
     def client_for_events(self) -> CumulusClient | None:
         return self.job.client
@@ -356,6 +493,7 @@ class JobWidget(w.VBox, _Polled):
         self.progress.bar_style = styles.get(state, "info")
         self.chart.value = svg_chart(self.series)
         self._draw_log()
+        self._drawn_at = time.monotonic()
         # Last: whoever reads .state sees a widget already drawn for it.
         self.record = r
 
@@ -380,7 +518,7 @@ class JobWidget(w.VBox, _Polled):
             POLLER.add(self)
 
     def close(self) -> None:
-        self._closed = True  # the follower stops after its current long-poll
+        self._closed = True  # the stream drops it from its next request
         POLLER.remove(self)
         super().close()
 
