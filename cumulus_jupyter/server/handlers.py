@@ -252,10 +252,11 @@ class FollowHandler(CumulusHandler):
 
     For a notebook full of live widgets: one request at a time per notebook,
     not one per widget. The body names each job and how far the caller has
-    read it; the answer has, for each, its record, its output from there and
-    its metrics from there (as ``GET jobs/{id}``, ``.../logs`` and
-    ``.../metrics`` give them). ``wait`` holds the request until one of the
-    jobs has new output, or is no longer running, or changed state.
+    read it; the answer has, for each, its output and its metrics from there
+    (as ``.../logs`` and ``.../metrics`` give them), its record's version,
+    and its record (as ``GET jobs/{id}`` gives it) unless the caller has that
+    version. ``wait`` holds the request until one of the jobs has new output,
+    or is no longer running, or changed state.
     """
 
     @web.authenticated
