@@ -326,7 +326,7 @@ class CumulusClient:
         )
 
     def follow(
-        self, positions: Mapping[str, Mapping[str, int]], wait: float = 0.0
+        self, positions: Mapping[str, Mapping[str, int | str]], wait: float = 0.0
     ) -> dict[str, dict[str, Any]]:
         """What is new in several jobs, in one request (``POST follow``).
 
