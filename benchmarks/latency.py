@@ -28,10 +28,11 @@ Rows:
   and a ``JobWidget`` (its shared poller) show it.
 
 ``GET jobs/{id}`` under load and the async save's blocked time have their
-own benchmarks (``control_plane.py``, ``checkpoint.py``, with the 500 MB
-model and 3 rounds, its state on the GPU where there is one); this one runs
-them last, after its own server stopped, and prints their verdicts with the
-rest (``--skip-others``: not).
+own benchmarks (``control_plane.py``, ``checkpoint.py`` with the 500 MB
+model, its state on the GPU where there is one); this one runs them last,
+after its own server stopped, with as many rounds as its own rows (each
+judged on the median of its rounds), and prints their verdicts with the rest
+(``--skip-others``: not).
 """
 
 from __future__ import annotations
@@ -296,13 +297,14 @@ def run(rounds: int, warm: bool) -> None:
         )
 
 
-def other_rows() -> None:
+def other_rows(rounds: int) -> None:
     """The two goals with benchmarks of their own: run them, print their verdicts."""
     here = Path(__file__).resolve().parent
+    n = str(rounds)
     for script, args, verdict in [
-        ("control_plane.py", [], "median of the rounds' p99"),
+        ("control_plane.py", ["--rounds", n], "median of the rounds' p99"),
         # On a GPU host the state is on the GPU, as a training job's is there.
-        ("checkpoint.py", ["--mb", "500", "--repeat", "3", "--device", "auto"], "async blocked /"),
+        ("checkpoint.py", ["--mb", "500", "--repeat", n, "--device", "auto"], "async blocked /"),
     ]:
         done = subprocess.run(
             [sys.executable, str(here / script), *args], capture_output=True, text=True
@@ -366,7 +368,7 @@ def main() -> None:
     args = parser.parse_args()
     run(args.rounds, warm=not args.cold)
     if not args.skip_others:
-        other_rows()
+        other_rows(args.rounds)
 
 
 if __name__ == "__main__":
