@@ -14,6 +14,7 @@ from servers import wait_until
 
 from cumulus_jupyter import CumulusClient
 from cumulus_jupyter.kernel import widgets
+from cumulus_jupyter.kernel.client import Job
 from cumulus_jupyter.kernel.widgets import POLLER, CheckpointBrowser, JobWidget
 from cumulus_jupyter.spec import format_duration
 
@@ -282,6 +283,40 @@ def test_a_running_jobs_elapsed_time_goes_on_while_its_record_is_not_resent(
     finally:
         release.touch()
         w.close()
+    assert job.result(timeout=60) == "released"
+
+
+def test_widgets_are_followed_with_their_own_clients_credentials(client, tmp_path, monkeypatch):
+    """A kernel's threads that follow a server are per server *and* token: a widget of a
+    client whose token the server refuses (a server restarted with a new one) must not
+    have another client's widgets followed with it."""
+    release = tmp_path / "release"
+    job = client.run_async(jobfuncs.hold_until, args=[str(release)], gpu_memory=0.1)
+    asked: list[tuple[str, set[str]]] = []
+    follow = CumulusClient.follow  # on the class, as above
+
+    def seen(self, positions, wait=0.0):
+        asked.append((self.token, set(positions)))
+        return follow(self, positions, wait)
+
+    monkeypatch.setattr(CumulusClient, "follow", seen)
+    wait_until(lambda: job.status() == "running", what="the job to run")
+    other = CumulusClient(client.url, token=client.token)
+    refused = JobWidget(Job(other, job.info()))  # the server's threads start with this one
+    other.token = "no-longer-the-token"  # as after a restart of the server with a new one
+    mine = JobWidget(job)
+    try:
+        wait_until(
+            lambda: any(t == client.token and job.id in ids for t, ids in list(asked)),
+            what="a follow request with the job's own client's token",
+        )
+        # The server refuses that token (a 403, said as the server says it).
+        wait_until(lambda: refused.message.value, what="the refusal shown")
+        assert not mine.message.value
+    finally:
+        release.touch()
+        refused.close()
+        mine.close()
     assert job.result(timeout=60) == "released"
 
 

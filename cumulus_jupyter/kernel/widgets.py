@@ -71,6 +71,11 @@ class _Poller:
     wait (queued, paused) need no frequent polling at all. And a thread
     follows the running jobs (``POST follow``) for their widgets, which the
     first thread then leaves alone.
+
+    "Per server" is per URL *and* token: each such thread asks with a client
+    of its own holding that token, so a client whose token the server
+    refuses (after a restart with a new one) has no say in how the widgets
+    of other clients are followed, and none in theirs.
     """
 
     def __init__(self) -> None:
@@ -78,8 +83,8 @@ class _Poller:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self.thread: threading.Thread | None = None
-        self._watchers: dict[str, threading.Thread] = {}  # per server URL
-        self._streams: dict[str, threading.Thread] = {}  # per server URL
+        self._watchers: dict[_Server, threading.Thread] = {}
+        self._streams: dict[_Server, threading.Thread] = {}
         #: Servers that cannot follow jobs (older than ``POST follow``).
         self.unfollowable: set[str] = set()
 
@@ -91,35 +96,48 @@ class _Poller:
                     target=self._run, name="cumulus-widgets", daemon=True
                 )
                 self.thread.start()
-            client = widget.client_for_events()
-            if client is not None:
-                for threads, target, name in [
-                    (self._watchers, self._follow_events, "cumulus-events"),
-                    (self._streams, self._follow_jobs, "cumulus-follow"),
-                ]:
-                    thread = threads.get(client.url)
-                    if threads is self._streams and client.url in self.unfollowable:
-                        continue
-                    if thread is None or not thread.is_alive():
-                        thread = threading.Thread(
-                            target=target, args=(client,), name=name, daemon=True
-                        )
-                        threads[client.url] = thread
-                        thread.start()
+        self._follow(widget)
         self._wake.set()
 
-    def _widgets_of(self, url: str, threads: dict[str, threading.Thread]) -> list[_Polled]:
+    def _follow(self, widget: _Polled) -> None:
+        """Start the threads that follow the widget's server, where none runs."""
+        client = widget.client_for_events()
+        if client is None:
+            return
+        server = _server(client)
+        with self._lock:
+            for threads, target, name in [
+                (self._watchers, self._follow_events, "cumulus-events"),
+                (self._streams, self._follow_jobs, "cumulus-follow"),
+            ]:
+                if threads is self._streams and client.url in self.unfollowable:
+                    continue
+                thread = threads.get(server)
+                if thread is None or not thread.is_alive():
+                    own = CumulusClient(client.url, client.token, client.timeout)
+                    thread = threading.Thread(target=target, args=(own,), name=name, daemon=True)
+                    threads[server] = thread
+                    thread.start()
+
+    def following(self, client: CumulusClient) -> bool:
+        """Whether a thread follows this client's running jobs now."""
+        thread = self._streams.get(_server(client))
+        return thread is not None and thread.is_alive()
+
+    def _widgets_of(
+        self, server: _Server, threads: dict[_Server, threading.Thread]
+    ) -> list[_Polled]:
         """The widgets of this server; with none left, the calling thread leaves ``threads``."""
         with self._lock:
-            mine = [w for w in self._widgets if _server_of(w) == url]
+            mine = [w for w in self._widgets if _server_of(w) == server]
             if not mine:
-                threads.pop(url, None)
+                threads.pop(server, None)
             return mine
 
     def _follow_jobs(self, client: CumulusClient) -> None:
         """Bring news of this server's running jobs to their widgets, one long-poll at a time."""
         while True:
-            mine = self._widgets_of(client.url, self._streams)
+            mine = self._widgets_of(_server(client), self._streams)
             if not mine:
                 return
             # Two widgets of one job have a position each: the one served
@@ -141,7 +159,7 @@ class _Poller:
                 # every poll interval instead (record, output and metrics).
                 with self._lock:
                     self.unfollowable.add(client.url)
-                    self._streams.pop(client.url, None)
+                    self._streams.pop(_server(client), None)
                 for widget in mine:
                     widget.wake()
                 self._wake.set()
@@ -160,7 +178,7 @@ class _Poller:
         """Wake the widgets of every job that changed, until no widget of this server is left."""
         since: int | None = None
         while True:
-            mine = self._widgets_of(client.url, self._watchers)
+            mine = self._widgets_of(_server(client), self._watchers)
             if not mine:
                 return
             try:
@@ -198,6 +216,10 @@ class _Poller:
                     return
             now = time.monotonic()
             for widget in widgets:
+                # Its client's token may have changed since it was added, or
+                # its server's threads were ending (no widget of that server
+                # was left) just as it was added: start them again.
+                self._follow(widget)
                 if widget.due(now):
                     keep = widget.poll()
                     if not keep:
@@ -209,9 +231,17 @@ class _Poller:
 POLLER = _Poller()
 
 
-def _server_of(widget: _Polled) -> str | None:
+#: A server as a kernel's threads follow it: its URL, and the token they send.
+_Server = tuple[str, str]
+
+
+def _server(client: CumulusClient) -> _Server:
+    return (client.url, client.token)
+
+
+def _server_of(widget: _Polled) -> _Server | None:
     client = widget.client_for_events()
-    return client.url if client is not None else None
+    return _server(client) if client is not None else None
 
 
 class _Polled:
@@ -379,6 +409,7 @@ class JobWidget(w.VBox, _Polled):
             and not self._closed
             and time.monotonic() >= self._retry_at
             and self.job.client.url not in POLLER.unfollowable
+            and POLLER.following(self.job.client)
         )
 
     def position(self) -> dict[str, Any]:
