@@ -51,15 +51,17 @@ if [ "${1:-}" = "--download-wheels" ]; then
   dir="${2:?usage: benchmarks/gpu_check.sh --download-wheels DIR [PYTHON_VERSION]}"
   version="${3:-$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')}"
   # This package's requirements but torch (the host has its CUDA build).
-  mapfile -t needs < <(python3 -c '
-import re, sys, tomllib
+  # Read into a variable first: a failure inside `< <(...)` would go unseen.
+  listed="$(python3 -c '
+import re, tomllib
 with open("pyproject.toml", "rb") as f:
     needs = tomllib.load(f)["project"]["dependencies"]
 print("\n".join(n for n in needs if re.split(r"[^A-Za-z0-9_.-]", n)[0].lower() != "torch"))
-') || {
-    echo "gpu_check: reading pyproject.toml needs Python 3.11+ (tomllib)" >&2
+')" || {
+    echo "gpu_check: could not read the requirements in pyproject.toml (python3 3.11+ reads it)" >&2
     exit 1
   }
+  mapfile -t needs <<<"$listed"
   # pip matches each manylinux tag exactly: name every glibc from 2.17 to 2.28.
   platforms=(--platform manylinux1_x86_64 --platform manylinux2010_x86_64
     --platform manylinux2014_x86_64)
